@@ -1,0 +1,45 @@
+"""Builds unite_ext._C: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is found.
+
+UNITE_EXT_CUDA=1 forces the CUDA build (an error if it cannot be done), UNITE_EXT_CUDA=0 skips it.
+Install with `pip install --no-build-isolation .` so that the build uses the torch already installed
+(an isolated build would fetch another torch and produce a library that does not match it).
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent
+# Architectures built when no GPU is visible (the build machine may have none): Ampere, Ada, Hopper.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def want_cuda() -> bool:
+    choice = os.environ.get("UNITE_EXT_CUDA", "auto")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if choice == "1" and not available:
+        raise RuntimeError(
+            f"UNITE_EXT_CUDA=1 but torch has CUDA {torch.version.cuda} and nvcc was found at {CUDA_HOME}"
+        )
+    return available if choice == "auto" else choice == "1"
+
+
+def extension():
+    sources = [f"csrc/{name}" for name in ("torch_bindings.cpp", "step_cpu.cpp", "python_module.cpp")]
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    if not want_cuda():
+        return CppExtension("unite_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    return CUDAExtension(
+        "unite_ext._C",
+        sources + ["csrc/step_cuda.cu"],
+        define_macros=[("UNITE_EXT_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+    )
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})

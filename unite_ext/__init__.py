@@ -1,0 +1,7 @@
+"""unite_ext: token-level ensembling of LLMs with different tokenizers (UNITE, top-k union)."""
+
+from . import reference
+from ._step_inputs import EnsembleStep
+from .step import ensemble_step, topk_stats, union_average
+
+__all__ = ["EnsembleStep", "ensemble_step", "reference", "topk_stats", "union_average"]

@@ -1,0 +1,91 @@
+"""The public ensemble step, backed by the compiled op (CPU or CUDA, wherever the logits are)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+from ._step_inputs import EnsembleStep, TablesLike, prepare_step_inputs
+
+
+def ensemble_step(
+    logits: Sequence[Tensor],
+    tables: TablesLike | tuple[Sequence[Tensor], Sequence[Tensor]],
+    k: int = 10,
+    weights: Sequence[float] | Tensor | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
+) -> EnsembleStep:
+    """One UNITE step over N models' next-token logits (SPEC.md section 2).
+
+    Args:
+        logits: one ``[B, V_i]`` float32/bfloat16/float16 tensor per model, all on one device.
+        tables: a :class:`~unite_ext.VocabTables` (moved to the logits' device) or a pair
+            ``(to_canon, from_canon)`` of int32 tensor lists.
+        k: candidates proposed per model, 1..64 (default 10, as in the paper).
+        weights: per-model weights >= 0, not all zero; normalised to sum 1 (default uniform).
+        temperature: 0 (default) is greedy; > 0 samples with ``P(u) ~ p(u)^(1/T)``.
+        top_p: nucleus mass for sampling, in (0, 1] (default 1: no truncation).
+        generator: source of the per-row uniform numbers when sampling.
+        uniforms: float32 ``[B]`` uniform numbers in [0, 1) to use instead of drawing them.
+
+    Returns:
+        :class:`EnsembleStep` with ``next_canon``, ``next_ids``, ``union_ids``, ``union_probs``,
+        ``model_probs``, ``top1_prob`` and ``status``. The call never synchronises with the GPU and
+        has fixed output shapes, so it can be captured in a CUDA graph.
+    """
+    args = prepare_step_inputs(logits, tables, k, weights, temperature, top_p, generator, uniforms)
+    return EnsembleStep(
+        *ops.ensemble_step(
+            args.logits,
+            args.to_canon,
+            args.from_canon,
+            args.k,
+            args.weights,
+            args.temperature,
+            args.top_p,
+            args.uniforms,
+        )
+    )
+
+
+def topk_stats(logits: Tensor, to_canon: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage 1 for one model: ``(topk_ids [B, k] int64, topk_logits [B, k] float32, top1_prob [B])``.
+
+    ``topk_ids`` is -1 padded and all -1 for a row that the model cannot vote in (NaN/+inf logits or no
+    finite logit). Run it where the model's logits are, then :func:`union_average` on one device.
+    """
+    return ops.topk_stats(logits, to_canon, k)
+
+
+def union_average(
+    logits: Sequence[Tensor],
+    tables: TablesLike | tuple[Sequence[Tensor], Sequence[Tensor]],
+    topk: Sequence[tuple[Tensor, Tensor, Tensor]],
+    weights: Sequence[float] | Tensor | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
+) -> EnsembleStep:
+    """Stages 2-6 from each model's :func:`topk_stats` result; gives exactly :func:`ensemble_step`'s outputs."""
+    k = topk[0][0].shape[1]
+    args = prepare_step_inputs(logits, tables, k, weights, temperature, top_p, generator, uniforms)
+    next_canon, next_ids, union_ids, union_probs, model_probs, status = ops.union_average(
+        args.logits,
+        args.to_canon,
+        args.from_canon,
+        [t[0] for t in topk],
+        [t[1] for t in topk],
+        args.weights,
+        args.temperature,
+        args.top_p,
+        args.uniforms,
+    )
+    top1 = torch.stack([t[2] for t in topk])
+    return EnsembleStep(next_canon, next_ids, union_ids, union_probs, model_probs, top1, status)
