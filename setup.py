@@ -5,6 +5,7 @@ Install with `pip install --no-build-isolation .` so that the build uses the tor
 (an isolated build would fetch another torch and produce a library that does not match it).
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-ROOT = Path(__file__).parent
 # Architectures built when no GPU is visible (the build machine may have none): Ampere, Ada, Hopper.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
@@ -27,6 +27,15 @@ def want_cuda() -> bool:
     return available if choice == "auto" else choice == "1"
 
 
+def pip_cuda_include_dirs() -> list[str]:
+    """Headers of the CUDA libraries that pip's torch wheels ship (cuSPARSE, cuBLAS...), which a bare
+    CUDA toolkit may lack."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(str(p) for root in spec.submodule_search_locations for p in Path(root).glob("*/include"))
+
+
 def extension():
     sources = [f"csrc/{name}" for name in ("torch_bindings.cpp", "step_cpu.cpp", "python_module.cpp")]
     cxx_flags = ["-O3", "-fvisibility=hidden"]
@@ -37,8 +46,9 @@ def extension():
     return CUDAExtension(
         "unite_ext._C",
         sources + ["csrc/step_cuda.cu"],
+        include_dirs=pip_cuda_include_dirs(),
         define_macros=[("UNITE_EXT_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
     )
 
 

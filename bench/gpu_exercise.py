@@ -1,0 +1,74 @@
+"""Calls every CUDA op of unite_ext at a few sizes and checks each against the CPU op.
+
+Short on purpose: compute-sanitizer (memcheck, racecheck) runs it. Exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import unite_ext
+
+# (vocabulary sizes, batch, k, dtype): odd sizes exercise unaligned rows, k > V empty slots, k > 32
+# the two-slot warp lists.
+CASES = [
+    ((1000, 777), 1, 10, torch.float32),
+    ((33, 4097, 9001), 5, 64, torch.bfloat16),
+    ((151936, 128256), 2, 10, torch.bfloat16),
+    ((7, 50), 3, 40, torch.float16),
+]
+
+
+def random_tables(vocab_sizes: tuple[int, ...], num_canonical: int, gen: torch.Generator):
+    to_canon = [torch.randint(-1, num_canonical, (v,), generator=gen, dtype=torch.int32) for v in vocab_sizes]
+    from_canon = [torch.randint(-1, v, (num_canonical,), generator=gen, dtype=torch.int32) for v in vocab_sizes]
+    return to_canon, from_canon
+
+
+def main() -> int:
+    gen = torch.Generator().manual_seed(0)
+    failures = 0
+    for vocab_sizes, batch, k, dtype in CASES:
+        to_canon, from_canon = random_tables(vocab_sizes, 3000, gen)
+        logits = [(torch.randn(batch, v, generator=gen) * 3).to(dtype) for v in vocab_sizes]
+        logits[0][0, 3] = float("nan")  # row 0 of model 0 is left out
+        uniforms = torch.rand(batch, generator=gen)
+        for temperature, top_p in ((0.0, 1.0), (0.8, 0.9)):
+            cpu = unite_ext.ensemble_step(logits, (to_canon, from_canon), k, None, temperature, top_p, None, uniforms)
+            gpu = unite_ext.ensemble_step(
+                [x.cuda() for x in logits],
+                ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
+                k,
+                None,
+                temperature,
+                top_p,
+                None,
+                uniforms.cuda(),
+            )
+            stages = unite_ext.union_average(
+                [x.cuda() for x in logits],
+                ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
+                [unite_ext.topk_stats(x.cuda(), t.cuda(), k) for x, t in zip(logits, to_canon)],
+                None,
+                temperature,
+                top_p,
+                None,
+                uniforms.cuda(),
+            )
+            for name, a, b, c in zip(cpu._fields, cpu, gpu, stages):
+                b, c = b.cpu(), c.cpu()
+                same = torch.equal(b, c) and (
+                    torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)
+                )
+                if not same:
+                    failures += 1
+                    print(f"MISMATCH {name} vocab={vocab_sizes} B={batch} k={k} {dtype} T={temperature}")
+    torch.cuda.synchronize()
+    print("gpu_exercise:", "ok" if failures == 0 else f"{failures} mismatches")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,709 @@
+// CUDA implementation of the ensemble step (SPEC.md section 2).
+//
+// Three kernels, all on the current stream, with no host synchronisation and fixed output shapes:
+//   topk_partial_kernel   one launch per model; each block reads one chunk of one row once, keeping a
+//                         running top-k (warp-wide sorted lists) and the chunk's max and sum of exponentials;
+//   topk_finalize_kernel  one block per (row, model) merges the chunks' lists and statistics;
+//   union_average_kernel  one block per row: union, gather, renormalise, average, choose.
+// Splitting each row over several blocks keeps the GPU busy when the batch is small.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <climits>
+
+#include "ops.h"
+#include "step_common.h"
+
+namespace unite_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kMinChunk = 4096;      // elements per block at least, so each thread streams a few vectors
+constexpr int kBlocksPerSm = 4;          // enough blocks in flight to saturate memory bandwidth
+constexpr int kEmptyId = INT_MAX;        // id of an empty top-k slot (ranks after every real token)
+
+enum class LogitType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+struct ModelView {
+  const void* logits;
+  int64_t vocab;  // row length; rows are contiguous
+  LogitType type;
+  const int32_t* to_canon;
+  const int32_t* from_canon;
+};
+
+__device__ __forceinline__ float load_logit(const ModelView& m, int64_t b, int64_t t) {
+  const int64_t offset = b * m.vocab + t;
+  switch (m.type) {
+    case LogitType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(m.logits)[offset]);
+    case LogitType::kHalf: return to_float(static_cast<const __half*>(m.logits)[offset]);
+    default: return static_cast<const float*>(m.logits)[offset];
+  }
+}
+
+// Running (max, sum of exp(x - max)) with -inf as the empty state.
+struct SoftmaxStats {
+  float max = -INFINITY;
+  float sum = 0.0f;
+
+  __device__ __forceinline__ void add(float v) {
+    if (v == -INFINITY || v != v) return;  // no mass; NaN rows are flagged separately
+    if (v > max) {
+      sum = sum * __expf(max - v) + 1.0f;
+      max = v;
+    } else {
+      sum += __expf(v - max);
+    }
+  }
+
+  __device__ __forceinline__ void merge(float other_max, float other_sum) {
+    if (other_max == -INFINITY) return;
+    if (max == -INFINITY) {
+      max = other_max;
+      sum = other_sum;
+      return;
+    }
+    const float m = fmaxf(max, other_max);
+    sum = sum * __expf(max - m) + other_sum * __expf(other_max - m);
+    max = m;
+  }
+};
+
+// A warp's top-k list, sorted by ranks_before over positions s * 32 + lane. Every lane holds the
+// k-th entry as the admission threshold, so most candidates are rejected without communication.
+template <int kSlots>
+struct WarpTopk {
+  float value[kSlots];
+  int32_t id[kSlots];
+  float threshold_value;
+  int32_t threshold_id;
+  int k;
+
+  __device__ __forceinline__ void init(int k_) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      value[s] = -INFINITY;
+      id[s] = kEmptyId;
+    }
+    threshold_value = -INFINITY;
+    threshold_id = kEmptyId;
+    k = k_;
+  }
+
+  __device__ __forceinline__ bool admits(float v, int32_t t) const {
+    return ranks_before(v, t, threshold_value, threshold_id);
+  }
+
+  // Inserts, one after another, the candidates of the lanes where `active` is set. Warp-uniform control.
+  __device__ __forceinline__ void offer(bool active, float v, int32_t t) {
+    const int lane = threadIdx.x & 31;
+    unsigned pending = __ballot_sync(kFullMask, active);
+    while (pending) {
+      const int src = __ffs(pending) - 1;
+      pending &= pending - 1;
+      const float cv = __shfl_sync(kFullMask, v, src);
+      const int32_t ct = __shfl_sync(kFullMask, t, src);
+      if (!admits(cv, ct)) continue;
+      int pos = 0;
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) pos += __popc(__ballot_sync(kFullMask, ranks_before(value[s], id[s], cv, ct)));
+#pragma unroll
+      for (int s = kSlots - 1; s >= 0; --s) {
+        float up_value = __shfl_up_sync(kFullMask, value[s], 1);
+        int32_t up_id = __shfl_up_sync(kFullMask, id[s], 1);
+        if (s > 0) {
+          const float carry_value = __shfl_sync(kFullMask, value[s > 0 ? s - 1 : 0], 31);
+          const int32_t carry_id = __shfl_sync(kFullMask, id[s > 0 ? s - 1 : 0], 31);
+          if (lane == 0) {
+            up_value = carry_value;
+            up_id = carry_id;
+          }
+        }
+        const int p = s * 32 + lane;
+        if (p > pos) {
+          value[s] = up_value;
+          id[s] = up_id;
+        } else if (p == pos) {
+          value[s] = cv;
+          id[s] = ct;
+        }
+      }
+      const int last = k - 1;
+      float kth_value = value[0];
+      int32_t kth_id = id[0];
+#pragma unroll
+      for (int s = 1; s < kSlots; ++s) {
+        if (s == (last >> 5)) {
+          kth_value = value[s];
+          kth_id = id[s];
+        }
+      }
+      threshold_value = __shfl_sync(kFullMask, kth_value, last & 31);
+      threshold_id = __shfl_sync(kFullMask, kth_id, last & 31);
+    }
+  }
+};
+
+struct BlockScratch {
+  float value[kWarps][kMaxK];
+  int32_t id[kWarps][kMaxK];
+  float max[kWarps];
+  float sum[kWarps];
+  int bad[kWarps];
+};
+
+// Merges every warp's list and statistics into warp 0 (its `top` and `stats`; `bad` in all threads).
+template <int kSlots>
+__device__ void block_merge(WarpTopk<kSlots>& top, SoftmaxStats& stats, bool& bad, BlockScratch& scratch) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other_max = __shfl_xor_sync(kFullMask, stats.max, offset);
+    const float other_sum = __shfl_xor_sync(kFullMask, stats.sum, offset);
+    stats.merge(other_max, other_sum);
+  }
+  const bool warp_bad = __any_sync(kFullMask, bad);
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    const int p = s * 32 + lane;
+    if (p < top.k) {
+      scratch.value[warp][p] = top.value[s];
+      scratch.id[warp][p] = top.id[s];
+    }
+  }
+  if (lane == 0) {
+    scratch.max[warp] = stats.max;
+    scratch.sum[warp] = stats.sum;
+    scratch.bad[warp] = warp_bad;
+  }
+  __syncthreads();
+  bad = false;
+  for (int w = 0; w < kWarps; ++w) bad |= scratch.bad[w] != 0;
+  if (warp == 0) {
+    for (int w = 1; w < kWarps; ++w) {
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) {
+        const int p = s * 32 + lane;
+        const float v = p < top.k ? scratch.value[w][p] : -INFINITY;
+        const int32_t t = p < top.k ? scratch.id[w][p] : kEmptyId;
+        top.offer(v > -INFINITY && top.admits(v, t), v, t);
+      }
+      if (lane == 0) stats.merge(scratch.max[w], scratch.sum[w]);
+    }
+  }
+}
+
+// Partial results of one model: per (row, chunk) a top-k list and softmax statistics.
+struct PartialView {
+  float* value;   // [B, chunks, k]
+  int32_t* id;    // [B, chunks, k]
+  float* max;     // [B, chunks]
+  float* sum;     // [B, chunks]
+  int32_t* bad;   // [B, chunks]
+  int chunks;
+};
+
+template <typename T, int kSlots>
+__global__ void __launch_bounds__(kThreads)
+    topk_partial_kernel(const T* __restrict__ logits, int64_t vocab, const int32_t* __restrict__ to_canon, int k,
+                        int64_t chunk_elems, PartialView out) {
+  constexpr int kVec = 16 / sizeof(T);
+  __shared__ BlockScratch scratch;
+  const int b = blockIdx.y, chunk = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* row = logits + static_cast<int64_t>(b) * vocab;
+  const int64_t lo = chunk * chunk_elems;
+  const int64_t hi = min(vocab, lo + chunk_elems);
+
+  WarpTopk<kSlots> top;
+  top.init(k);
+  SoftmaxStats stats;
+  bool bad = false;
+
+  // One element per lane; `t < 0` marks an idle lane.
+  auto consume_one = [&](float v, int64_t t) {
+    bad |= (v != v) || (v == INFINITY);
+    stats.add(v);
+    const bool candidate = t >= 0 && v > -INFINITY && v < INFINITY && top.admits(v, static_cast<int32_t>(t)) &&
+                           to_canon[t] >= 0;
+    top.offer(candidate, v, static_cast<int32_t>(t));
+  };
+
+  // The unaligned head and tail of the chunk (fewer than kVec elements each) go to warp 0.
+  const uintptr_t address = reinterpret_cast<uintptr_t>(row + lo);
+  const int64_t head = min(hi - lo, static_cast<int64_t>(((16 - address % 16) % 16) / sizeof(T)));
+  const int64_t body_begin = lo + head;
+  const int64_t body_end = body_begin + (hi - body_begin) / kVec * kVec;
+  if (warp == 0) {
+    const int64_t t = lo + lane;
+    const bool in_head = lane < head;
+    consume_one(in_head ? to_float(row[in_head ? t : lo]) : -INFINITY, in_head ? t : -1);
+    const int64_t tail_t = body_end + lane;
+    const bool in_tail = tail_t < hi && lane < kVec;
+    consume_one(in_tail ? to_float(row[in_tail ? tail_t : lo]) : -INFINITY, in_tail ? tail_t : -1);
+  }
+
+  union Vector {
+    uint4 raw;
+    T elem[kVec];
+  };
+  const int64_t stride = static_cast<int64_t>(kThreads) * kVec;
+  for (int64_t base = body_begin + static_cast<int64_t>(warp) * 32 * kVec; base < body_end; base += stride) {
+    const int64_t first = base + lane * kVec;
+    const bool in_range = first < body_end;
+    Vector vec;
+    if (in_range) vec.raw = __ldcs(reinterpret_cast<const uint4*>(row + first));
+    float v[kVec];
+    bool any_candidate = false;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      v[j] = in_range ? to_float(vec.elem[j]) : -INFINITY;
+      bad |= (v[j] != v[j]) || (v[j] == INFINITY);
+      stats.add(v[j]);
+      any_candidate |= v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], static_cast<int32_t>(first + j));
+    }
+    if (__any_sync(kFullMask, any_candidate)) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const int32_t t = static_cast<int32_t>(first + j);
+        const bool candidate = v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], t) && to_canon[t] >= 0;
+        top.offer(candidate, v[j], t);
+      }
+    }
+  }
+
+  block_merge(top, stats, bad, scratch);
+  if (warp == 0) {
+    const int64_t slot = static_cast<int64_t>(b) * out.chunks + chunk;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const int p = s * 32 + lane;
+      if (p < k) {
+        out.value[slot * k + p] = top.value[s];
+        out.id[slot * k + p] = top.id[s];
+      }
+    }
+    if (lane == 0) {
+      out.max[slot] = stats.max;
+      out.sum[slot] = stats.sum;
+      out.bad[slot] = bad;
+    }
+  }
+}
+
+struct TopkView {
+  int64_t* ids;     // [B, k], -1 padded
+  float* logits;    // [B, k], -inf padded
+  float* top1;      // [B]
+};
+
+struct FinalizeArgs {
+  PartialView partial[kMaxModels];
+  TopkView out[kMaxModels];
+};
+
+// One block per (row, model): merges the chunks of that row.
+template <int kSlots>
+__global__ void __launch_bounds__(kThreads) topk_finalize_kernel(FinalizeArgs args, int k) {
+  __shared__ BlockScratch scratch;
+  const int b = blockIdx.x, model = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const PartialView part = args.partial[model];
+  const int64_t first_slot = static_cast<int64_t>(b) * part.chunks;
+
+  WarpTopk<kSlots> top;
+  top.init(k);
+  SoftmaxStats stats;
+  bool bad = false;
+  for (int c = threadIdx.x; c < part.chunks; c += kThreads) {
+    stats.merge(part.max[first_slot + c], part.sum[first_slot + c]);
+    bad |= part.bad[first_slot + c] != 0;
+  }
+  const int count = part.chunks * k;
+  for (int base = warp * 32; base < count; base += kThreads) {
+    const int e = base + lane;
+    const float v = e < count ? part.value[first_slot * k + e] : -INFINITY;
+    const int32_t t = e < count ? part.id[first_slot * k + e] : kEmptyId;
+    top.offer(v > -INFINITY && top.admits(v, t), v, t);
+  }
+  block_merge(top, stats, bad, scratch);
+  if (warp == 0) {
+    const TopkView out = args.out[model];
+    const float best = __shfl_sync(kFullMask, top.value[0], 0);
+    const bool usable = !bad && best > -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const int p = s * 32 + lane;
+      if (p < k) {
+        const bool kept = usable && top.value[s] > -INFINITY;
+        out.ids[static_cast<int64_t>(b) * k + p] = kept ? top.id[s] : -1;
+        out.logits[static_cast<int64_t>(b) * k + p] = kept ? top.value[s] : -INFINITY;
+      }
+    }
+    if (lane == 0) out.top1[b] = usable ? expf(best - stats.max) / stats.sum : 0.0f;
+  }
+}
+
+struct UnionArgs {
+  ModelView model[kMaxModels];
+  const int64_t* topk_ids[kMaxModels];
+  const float* topk_logits[kMaxModels];
+  float weight[kMaxModels];
+  int n;
+  int k;
+  int64_t num_canonical;
+  int64_t batch;
+  float temperature;
+  float top_p;
+  const float* uniforms;
+  int64_t* next_canon;
+  int64_t* next_ids;
+  int64_t* union_ids;
+  float* union_probs;
+  float* model_probs;
+  int32_t* status;
+};
+
+// Dynamic shared memory of union_average_kernel for a union width L = n * k.
+size_t union_smem_bytes(int width) {
+  return static_cast<size_t>(width) * (4 * sizeof(int32_t) + 4 * sizeof(float) + sizeof(int) + sizeof(bool));
+}
+
+__global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args) {
+  extern __shared__ unsigned char smem[];
+  const int width = args.n * args.k;
+  int32_t* candidate = reinterpret_cast<int32_t*>(smem);
+  int32_t* first = candidate + width;
+  int32_t* members = first + width;
+  int32_t* token = members + width;
+  float* q = reinterpret_cast<float*>(token + width);
+  float* p = q + width;
+  float* scaled = p + width;
+  float* sorted = scaled + width;
+  int* order = reinterpret_cast<int*>(sorted + width);
+  bool* own = reinterpret_cast<bool*>(order + width);
+  __shared__ int size;
+  __shared__ float total;
+  __shared__ int choice;
+
+  const int64_t b = blockIdx.x;
+  const int k = args.k;
+  int32_t row_status = 0;
+  float w_total = 0.0f;
+  for (int i = 0; i < args.n; ++i) {
+    if (args.topk_ids[i][b * k] < 0) {
+      row_status |= 1 << i;
+    } else {
+      w_total += args.weight[i];
+    }
+  }
+
+  // Step 2: candidates, then the ascending union by rank counting (the width is at most a few hundred).
+  for (int s = threadIdx.x; s < width; s += blockDim.x) {
+    const int i = s / k;
+    const int64_t t = args.topk_ids[i][b * k + s % k];
+    const int32_t c = t >= 0 ? args.model[i].to_canon[t] : -1;
+    candidate[s] = c >= 0 && c < args.num_canonical ? c : -1;
+    p[s] = 0.0f;
+  }
+  if (threadIdx.x == 0) size = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < width; s += blockDim.x) {
+    bool is_first = candidate[s] >= 0;
+    for (int o = 0; o < s && is_first; ++o) is_first = candidate[o] != candidate[s];
+    first[s] = is_first;
+    if (is_first) atomicAdd(&size, 1);
+  }
+  __syncthreads();
+  for (int s = threadIdx.x; s < width; s += blockDim.x) {
+    if (!first[s]) continue;
+    int rank = 0;
+    for (int o = 0; o < width; ++o) rank += first[o] && candidate[o] < candidate[s];
+    members[rank] = candidate[s];
+  }
+  __syncthreads();
+  const int union_size = size;
+
+  // Steps 3-5, one model at a time.
+  for (int i = 0; i < args.n; ++i) {
+    float* model_row = args.model_probs + (i * args.batch + b) * width;
+    if (row_status & (1 << i)) {
+      for (int j = threadIdx.x; j < width; j += blockDim.x) model_row[j] = 0.0f;
+      continue;
+    }
+    const ModelView m = args.model[i];
+    const float best = args.topk_logits[i][b * k];
+    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
+      const int32_t t = m.from_canon[members[j]];
+      const bool present = t >= 0 && t < m.vocab;
+      token[j] = present ? t : -1;
+      own[j] = present && m.to_canon[t] == members[j];
+      q[j] = present ? expf(load_logit(m, b, t) - best) : 0.0f;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
+      if (!owns_token(token, own, union_size, j)) q[j] = 0.0f;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // serial, in the CPU kernel's order
+      float sum = 0.0f;
+      for (int j = 0; j < union_size; ++j) sum += q[j];
+      total = sum;
+    }
+    __syncthreads();
+    const float w = w_total > 0.0f ? args.weight[i] / w_total : 0.0f;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+      const float prob = j < union_size && total > 0.0f ? q[j] / total : 0.0f;
+      model_row[j] = prob;
+      p[j] += w * prob;
+    }
+    __syncthreads();
+  }
+
+  // Step 6.
+  if (threadIdx.x == 0) {
+    int best = -1;
+    if (w_total > 0.0f) {
+      for (int j = 0; j < union_size; ++j) {
+        if (best < 0 || p[j] > p[best]) best = j;
+      }
+    }
+    choice = best;
+  }
+  __syncthreads();
+  if (args.temperature > 0.0f && choice >= 0) {
+    const float log_max = logf(p[choice]);
+    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
+      scaled[j] = p[j] > 0.0f ? expf((logf(p[j]) - log_max) / args.temperature) : 0.0f;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
+      int rank = 0;
+      for (int o = 0; o < union_size; ++o) rank += scaled[o] > scaled[j] || (scaled[o] == scaled[j] && o < j);
+      order[rank] = j;
+      sorted[rank] = scaled[j];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) choice = order[nucleus_pick(sorted, union_size, args.top_p, args.uniforms[b])];
+    __syncthreads();
+  }
+
+  for (int j = threadIdx.x; j < width; j += blockDim.x) {
+    args.union_ids[b * width + j] = j < union_size ? members[j] : -1;
+    args.union_probs[b * width + j] = j < union_size ? p[j] : 0.0f;
+  }
+  const int64_t chosen = choice >= 0 ? members[choice] : -1;
+  for (int i = threadIdx.x; i < args.n; i += blockDim.x) {
+    args.next_ids[i * args.batch + b] = chosen >= 0 ? args.model[i].from_canon[chosen] : -1;
+  }
+  if (threadIdx.x == 0) {
+    args.next_canon[b] = chosen;
+    args.status[b] = row_status;
+  }
+}
+
+LogitType logit_type(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kBFloat16: return LogitType::kBFloat16;
+    case at::kHalf: return LogitType::kHalf;
+    default: return LogitType::kFloat;
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+void launch_partial(const at::Tensor& logits, const int32_t* to_canon, int64_t k, int64_t chunk_elems, dim3 grid,
+                    PartialView part) {
+  const T* x = static_cast<const T*>(logits.const_data_ptr());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (k <= 32) {
+    topk_partial_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x, logits.size(1), to_canon, k, chunk_elems, part);
+  } else {
+    topk_partial_kernel<T, 2><<<grid, kThreads, 0, stream>>>(x, logits.size(1), to_canon, k, chunk_elems, part);
+  }
+}
+
+// Runs steps 0-1 for several models: fills `out[i]` from `logits[i]`.
+void launch_topk(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
+                 const std::vector<TopkView>& out) {
+  const int n = static_cast<int>(logits.size());
+  const int64_t batch = logits[0].size(0);
+  int64_t total_vocab = 0;
+  for (const auto& x : logits) total_vocab += x.size(1);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t chunk_elems =
+      ceil_div(std::max(kMinChunk, ceil_div(batch * total_vocab, int64_t{kBlocksPerSm} * sms)), 2048) * 2048;
+
+  std::vector<int64_t> chunks(n), offsets(n + 1, 0);
+  for (int i = 0; i < n; ++i) {
+    chunks[i] = ceil_div(logits[i].size(1), chunk_elems);
+    offsets[i + 1] = offsets[i] + batch * chunks[i];
+  }
+  // One workspace for every model's partial results: per slot k values, k ids, max, sum, bad.
+  auto workspace = at::empty({offsets[n] * (2 * k + 3)}, logits[0].options().dtype(at::kFloat));
+  float* base = workspace.mutable_data_ptr<float>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  FinalizeArgs args{};
+  for (int i = 0; i < n; ++i) {
+    float* w = base + offsets[i] * (2 * k + 3);
+    const int64_t slots = batch * chunks[i];
+    PartialView part{w, reinterpret_cast<int32_t*>(w + slots * k), w + slots * 2 * k, w + slots * (2 * k + 1),
+                     reinterpret_cast<int32_t*>(w + slots * (2 * k + 2)), static_cast<int>(chunks[i])};
+    args.partial[i] = part;
+    args.out[i] = out[i];
+    const dim3 grid(static_cast<unsigned>(chunks[i]), static_cast<unsigned>(batch));
+    const int32_t* tc = to_canon[i].const_data_ptr<int32_t>();
+    switch (logit_type(logits[i])) {
+      case LogitType::kBFloat16: launch_partial<__nv_bfloat16>(logits[i], tc, k, chunk_elems, grid, part); break;
+      case LogitType::kHalf: launch_partial<__half>(logits[i], tc, k, chunk_elems, grid, part); break;
+      default: launch_partial<float>(logits[i], tc, k, chunk_elems, grid, part);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(n));
+  if (k <= 32) {
+    topk_finalize_kernel<1><<<grid, kThreads, 0, stream>>>(args, static_cast<int>(k));
+  } else {
+    topk_finalize_kernel<2><<<grid, kThreads, 0, stream>>>(args, static_cast<int>(k));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<at::Tensor> contiguous(at::TensorList list) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : list) out.push_back(t.contiguous());
+  return out;
+}
+
+UnionAverage launch_union_average(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon,
+                                  const std::vector<at::Tensor>& from_canon, const std::vector<const int64_t*>& ids,
+                                  const std::vector<const float*>& values, int64_t k, at::ArrayRef<double> weights,
+                                  double temperature, double top_p, const std::optional<at::Tensor>& uniforms) {
+  const int n = static_cast<int>(logits.size());
+  const int64_t batch = logits[0].size(0);
+  const int width = static_cast<int>(n * k);
+  auto opts = logits[0].options();
+  auto next_canon = at::empty({batch}, opts.dtype(at::kLong));
+  auto next_ids = at::empty({n, batch}, opts.dtype(at::kLong));
+  auto union_ids = at::empty({batch, width}, opts.dtype(at::kLong));
+  auto union_probs = at::empty({batch, width}, opts.dtype(at::kFloat));
+  auto model_probs = at::empty({n, batch, width}, opts.dtype(at::kFloat));
+  auto status = at::empty({batch}, opts.dtype(at::kInt));
+  at::Tensor r = temperature > 0 ? uniforms->contiguous() : at::Tensor();
+
+  UnionArgs args{};
+  for (int i = 0; i < n; ++i) {
+    args.model[i] = ModelView{logits[i].const_data_ptr(), logits[i].size(1), logit_type(logits[i]),
+                              to_canon[i].const_data_ptr<int32_t>(), from_canon[i].const_data_ptr<int32_t>()};
+    args.topk_ids[i] = ids[i];
+    args.topk_logits[i] = values[i];
+    args.weight[i] = static_cast<float>(weights[i]);
+  }
+  args.n = n;
+  args.k = static_cast<int>(k);
+  args.num_canonical = from_canon[0].size(0);
+  args.batch = batch;
+  args.temperature = static_cast<float>(temperature);
+  args.top_p = static_cast<float>(top_p);
+  args.uniforms = temperature > 0 ? r.const_data_ptr<float>() : nullptr;
+  args.next_canon = next_canon.mutable_data_ptr<int64_t>();
+  args.next_ids = next_ids.mutable_data_ptr<int64_t>();
+  args.union_ids = union_ids.mutable_data_ptr<int64_t>();
+  args.union_probs = union_probs.mutable_data_ptr<float>();
+  args.model_probs = model_probs.mutable_data_ptr<float>();
+  args.status = status.mutable_data_ptr<int32_t>();
+
+  const size_t smem = union_smem_bytes(width);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(union_average_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  if (batch > 0) {
+    union_average_kernel<<<static_cast<unsigned>(batch), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {next_canon, next_ids, union_ids, union_probs, model_probs, status};
+}
+
+}  // namespace
+
+TopkStats topk_stats_cuda(const at::Tensor& logits, const at::Tensor& to_canon, int64_t k) {
+  check_topk_args(logits, to_canon, k);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t batch = logits.size(0);
+  auto opts = logits.options();
+  auto ids = at::empty({batch, k}, opts.dtype(at::kLong));
+  auto values = at::empty({batch, k}, opts.dtype(at::kFloat));
+  auto top1 = at::empty({batch}, opts.dtype(at::kFloat));
+  if (batch > 0) {
+    launch_topk({logits.contiguous()}, {to_canon.contiguous()}, k,
+                {TopkView{ids.mutable_data_ptr<int64_t>(), values.mutable_data_ptr<float>(),
+                          top1.mutable_data_ptr<float>()}});
+  }
+  return {ids, values, top1};
+}
+
+UnionAverage union_average_cuda(at::TensorList logits, at::TensorList to_canon, at::TensorList from_canon,
+                                at::TensorList topk_ids, at::TensorList topk_logits, at::ArrayRef<double> weights,
+                                double temperature, double top_p, const std::optional<at::Tensor>& uniforms) {
+  check_union_args(logits, to_canon, from_canon, topk_ids, topk_logits, weights, temperature, top_p, uniforms);
+  const c10::cuda::CUDAGuard guard(logits[0].device());
+  auto ids = contiguous(topk_ids);
+  auto values = contiguous(topk_logits);
+  std::vector<const int64_t*> id_ptrs;
+  std::vector<const float*> value_ptrs;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    id_ptrs.push_back(ids[i].const_data_ptr<int64_t>());
+    value_ptrs.push_back(values[i].const_data_ptr<float>());
+  }
+  return launch_union_average(contiguous(logits), contiguous(to_canon), contiguous(from_canon), id_ptrs, value_ptrs,
+                              topk_ids[0].size(1), weights, temperature, top_p, uniforms);
+}
+
+StepOutputs ensemble_step_cuda(at::TensorList logits_list, at::TensorList to_canon_list,
+                               at::TensorList from_canon_list, int64_t k, at::ArrayRef<double> weights,
+                               double temperature, double top_p, const std::optional<at::Tensor>& uniforms) {
+  check_step_args(logits_list, to_canon_list, from_canon_list, k, weights, temperature, top_p, uniforms);
+  const c10::cuda::CUDAGuard guard(logits_list[0].device());
+  auto logits = contiguous(logits_list);
+  auto to_canon = contiguous(to_canon_list);
+  auto from_canon = contiguous(from_canon_list);
+  const int n = static_cast<int>(logits.size());
+  const int64_t batch = logits[0].size(0);
+  auto opts = logits[0].options();
+  auto ids = at::empty({n, batch, k}, opts.dtype(at::kLong));
+  auto values = at::empty({n, batch, k}, opts.dtype(at::kFloat));
+  auto top1 = at::empty({n, batch}, opts.dtype(at::kFloat));
+  std::vector<TopkView> views;
+  std::vector<const int64_t*> id_ptrs;
+  std::vector<const float*> value_ptrs;
+  for (int i = 0; i < n; ++i) {
+    int64_t* id = ids.mutable_data_ptr<int64_t>() + i * batch * k;
+    float* value = values.mutable_data_ptr<float>() + i * batch * k;
+    views.push_back(TopkView{id, value, top1.mutable_data_ptr<float>() + i * batch});
+    id_ptrs.push_back(id);
+    value_ptrs.push_back(value);
+  }
+  if (batch > 0) launch_topk(logits, to_canon, k, views);
+  auto [next_canon, next_ids, union_ids, union_probs, model_probs, status] = launch_union_average(
+      logits, to_canon, from_canon, id_ptrs, value_ptrs, k, weights, temperature, top_p, uniforms);
+  return {next_canon, next_ids, union_ids, union_probs, model_probs, top1, status};
+}
+
+TORCH_LIBRARY_IMPL(unite_ext, CUDA, m) {
+  m.impl("topk_stats", &topk_stats_cuda);
+  m.impl("union_average", &union_average_cuda);
+  m.impl("ensemble_step", &ensemble_step_cuda);
+}
+
+}  // namespace unite_ext
