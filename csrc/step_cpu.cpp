@@ -1,11 +1,9 @@
 // CPU implementation of the ensemble step (SPEC.md section 2).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -35,9 +33,44 @@ inline float exp_nonpositive(float x) {
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// The per-block loops are vectorised through `omp simd` reductions (-fopenmp-simd, no OpenMP runtime)
+// and cloned for AVX2, dispatched at load time on machines that have it.
+
+// Converts one block of logits to float; returns its maximum and flags a NaN or +inf in `bad`.
+template <typename scalar_t>
+inline float load_block_impl(const scalar_t* x, int len, float* block, int* bad) {
+  float max = -kInf;
+  int block_bad = 0;
+#pragma omp simd reduction(max : max) reduction(| : block_bad)
+  for (int j = 0; j < len; ++j) {
+    const float v = static_cast<float>(x[j]);
+    block[j] = v;
+    max = v > max ? v : max;
+    block_bad |= (v != v) | (v == kInf);
+  }
+  *bad |= block_bad;
+  return max;
+}
+
+#define UNITE_EXT_LOAD_BLOCK(scalar_t)                                                                      \
+  __attribute__((target_clones("avx2", "default"))) float load_block(const scalar_t* x, int len, float* block, \
+                                                                     int* bad) {                              \
+    return load_block_impl(x, len, block, bad);                                                               \
+  }
+UNITE_EXT_LOAD_BLOCK(float)
+UNITE_EXT_LOAD_BLOCK(at::BFloat16)
+UNITE_EXT_LOAD_BLOCK(at::Half)
+#undef UNITE_EXT_LOAD_BLOCK
+
+// Sum of exp(block[j] - max) over one block.
+__attribute__((target_clones("avx2", "default"))) float block_sum_exp(const float* block, int len, float max) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < len; ++j) sum += exp_nonpositive(block[j] - max);
+  return sum;
 }
 
 // Running top-k of one row, ordered by ranks_before. Tokens arrive in ascending id order, so an equal
@@ -71,24 +104,14 @@ void topk_row(const scalar_t* x, const int32_t* to_canon, int64_t vocab, int k, 
   float block[kBlock];
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int len = static_cast<int>(std::min<int64_t>(kBlock, vocab - start));
-    float block_max = -kInf;
-    int block_bad = 0;
-    for (int j = 0; j < len; ++j) {
-      const float v = static_cast<float>(x[start + j]);
-      block[j] = v;
-      block_max = v > block_max ? v : block_max;
-      block_bad |= (v != v) | (v == kInf);
-    }
-    bad |= block_bad;
+    const float block_max = load_block(x + start, len, block, &bad);
     if (bad) continue;  // the row is left out; keep nothing else
     if (block_max == -kInf) continue;
     if (block_max > row_max) {
       sum_exp = row_max == -kInf ? 0.0f : sum_exp * std::exp(row_max - block_max);
       row_max = block_max;
     }
-    float block_sum = 0.0f;
-    for (int j = 0; j < len; ++j) block_sum += exp_nonpositive(block[j] - row_max);
-    sum_exp += block_sum;
+    sum_exp += block_sum_exp(block, len, row_max);
     if (block_max <= top.threshold()) continue;
     for (int j = 0; j < len; ++j) {
       const float v = block[j];
@@ -102,6 +125,16 @@ void topk_row(const scalar_t* x, const int32_t* to_canon, int64_t vocab, int k, 
     values_out[s] = kept ? top.value[s] : -kInf;
   }
   *top1_out = usable ? std::exp(top.value[0] - row_max) / sum_exp : 0.0f;
+}
+
+// Calls f(scalar_t{}) with the C++ type of a logits dtype (float32, bfloat16 or float16; checked before).
+template <typename F>
+void dispatch_logit_type(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    default: f(float{});
+  }
 }
 
 struct TopkOutputs {
@@ -130,7 +163,8 @@ std::vector<TopkOutputs> topk_many(at::TensorList logits_list, at::TensorList to
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / batch, b = task % batch;
       const int64_t vocab = logits[i].size(1);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits[i].scalar_type(), "topk_stats_cpu", [&] {
+      dispatch_logit_type(logits[i].scalar_type(), [&](auto zero) {
+        using scalar_t = decltype(zero);
         topk_row<scalar_t>(logits[i].const_data_ptr<scalar_t>() + b * vocab, to_canon[i].const_data_ptr<int32_t>(),
                            vocab, static_cast<int>(k), outs[i].ids.mutable_data_ptr<int64_t>() + b * k,
                            outs[i].values.mutable_data_ptr<float>() + b * k,

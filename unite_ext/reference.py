@@ -70,7 +70,7 @@ def union_average(
 
     # Step 2: union of the candidates' canonical ids, ascending, padded with -1.
     canon = torch.cat(
-        [torch.where(ids >= 0, tc.long()[ids.clamp(min=0)], -1) for ids, tc in zip(topk_ids, to_canon)], 1
+        [torch.where(ids >= 0, tc[ids.clamp(min=0)].long(), -1) for ids, tc in zip(topk_ids, to_canon)], 1
     )
     big = torch.iinfo(torch.int64).max
     canon = torch.where(canon >= 0, canon, big).sort(1).values
@@ -86,10 +86,10 @@ def union_average(
     model_probs = []
     for i in range(n):
         x = logits[i].float()
-        token = torch.where(in_union, from_canon[i].long()[union.clamp(min=0)], -1)
+        token = torch.where(in_union, from_canon[i][union.clamp(min=0)].long(), -1)
         present = (token >= 0) & (token < x.shape[1])
         safe = token.clamp(0, x.shape[1] - 1)
-        own = present & (to_canon[i].long()[safe] == union)
+        own = present & (to_canon[i][safe].long() == union)
         m = topk_logits[i][:, :1]
         q = torch.where(present, torch.exp(x.gather(1, safe) - m), 0.0)
         # One value per token: the union entry that is the model's own token, else the smallest entry.
@@ -126,7 +126,7 @@ def union_average(
         choice = probs.argmax(1)
     next_canon = torch.where(votes, union.gather(1, choice.unsqueeze(1)).squeeze(1), -1)
     next_ids = torch.stack(
-        [torch.where(next_canon >= 0, fc.long()[next_canon.clamp(min=0)], -1) for fc in from_canon]
+        [torch.where(next_canon >= 0, fc[next_canon.clamp(min=0)].long(), -1) for fc in from_canon]
     )
     return next_canon, next_ids, union, probs, model_probs, status
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The CUDA path on a GPU machine, in one go: build, CUDA tests, compute-sanitizer, benchmarks, and a
+# summary table last. Run from the repository root; logs go to $OUT (default /tmp/unite_gpu_check).
+#   bash bench/gpu_check.sh
+set -u
+OUT=${OUT:-/tmp/unite_gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+rows=()
+
+# step NAME TIMEOUT COMMAND...: runs COMMAND with its output in $OUT/NAME.log and records the outcome.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  rows+=("| $name | $([ $rc -eq 0 ] && echo ok || echo "FAILED (rc $rc)") | $((SECONDS - start)) s |")
+  echo "== $name: rc=$rc"
+  tail -n 4 "$OUT/$name.log"
+  return $rc
+}
+
+card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+echo "card: $card"
+step build 400 env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e . || {
+  printf '%s\n' "${rows[@]}"
+  exit 1
+}
+step cuda_tests 300 "$PY" -m pytest tests/test_step.py -q -x -p no:cacheprovider
+step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step bench_step 300 "$PY" bench/bench_step.py --device cuda --out "$OUT/bench_step.md"
+if [ -f bench/bench_decode.py ]; then
+  step bench_decode 240 "$PY" bench/bench_decode.py --device cuda
+fi
+
+echo
+echo "## GPU check on $card ($(date -u +%Y-%m-%d))"
+echo "| step | result | time |"
+echo "| --- | --- | --- |"
+printf '%s\n' "${rows[@]}"
+grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" 2>/dev/null
+[ -f "$OUT/bench_step.md" ] && cat "$OUT/bench_step.md"
