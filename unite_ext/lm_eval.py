@@ -1,0 +1,337 @@
+"""lm-evaluation-harness backend: :class:`UniteLM`, registered as model ``"unite"``.
+
+Usage::
+
+    import lm_eval
+    import unite_ext.lm_eval  # registers "unite"
+
+    lm_eval.simple_evaluate(
+        model="unite",
+        model_args="models=/models/llama3;/models/qwen2,weights=0.5;0.5,k=10,batch_size=8",
+        tasks=["arc_challenge"],
+    )
+
+or ``simple_evaluate(model=UniteLM(spec="chosen.json"))``. Model arguments: ``models`` (paths or hub
+names separated by ``;``, or a list), or ``spec`` (a model spec file, see :mod:`unite_ext.model_spec`);
+``weights`` (``;``-separated or a list), ``k``, ``sync``, ``dtype``, ``device_map``, ``batch_size``,
+``max_gen_toks``, ``max_length``, ``greedy_check``; see :class:`UniteLM`. The package also declares the
+entry point ``unite = "unite_ext.lm_eval:UniteLM"`` in the group ``lm_eval.models``.
+
+How requests are answered:
+
+- ``generate_until``: the ensemble's own decoding (``Ensemble.generate``), greedy unless the task asks
+  for sampling; the text stops before the first ``until`` string.
+- ``loglikelihood``: every model scores the continuation under its own tokenization, ``ll_i = log
+  p_i(continuation | context)``: the context is encoded as a prompt (with the model's special tokens, as
+  ``Ensemble.generate`` encodes prompts) and the continuation is the model's mid-text encoding of its
+  bytes, the tokens the decoding loop itself would hold. Trailing whitespace of the context is moved to
+  the continuation first (as the harness's own Hugging Face backend does). The ensemble's value is the
+  log of the weighted average of the models' probabilities of the continuation,
+  ``log sum_i w_i exp(ll_i)`` with the ensemble's normalised weights, computed with log-sum-exp.
+  ``is_greedy`` says whether the ensemble's greedy generation from the context starts with the
+  continuation (one short generation per request; ``greedy_check=False`` skips it and reports False).
+- ``loglikelihood_rolling``: each model's log-likelihood of the whole text (in windows of its maximum
+  length, after its BOS, or EOS when it has no BOS), combined the same way.
+
+Chat templates (``apply_chat_template``) are not supported: each model would need its own rendering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+try:
+    from lm_eval import utils as lm_eval_utils
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as error:  # pragma: no cover - exercised only without the optional dependency
+    raise ImportError(
+        "unite_ext.lm_eval needs lm-evaluation-harness: pip install lm_eval (or unite_ext[lm_eval])"
+    ) from error
+
+from unite_ext.model_spec import ModelSpec, build_ensemble, load_spec, uses_chat
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 2048  # for models whose config states no context length
+
+
+def split_list(value: str | Sequence[Any] | None) -> list[Any] | None:
+    """A ``;``-separated model argument as a list (lists and ``None`` pass through)."""
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else list(value)
+    return [part.strip() for part in str(value).split(";") if part.strip()]
+
+
+def combine_loglikelihoods(per_model: Sequence[float], weights: Sequence[float]) -> float:
+    """``log sum_i w_i exp(ll_i)``: the log of the weighted average of the models' probabilities."""
+    terms = [math.log(w) + ll for ll, w in zip(per_model, weights, strict=True) if w > 0]
+    top = max(terms)
+    if top == -math.inf:
+        return -math.inf
+    return top + math.log(sum(math.exp(t - top) for t in terms))
+
+
+@register_model("unite")
+class UniteLM(LM):
+    """UNITE ensemble (or one model) as an lm-evaluation-harness model.
+
+    Args:
+        models: model folders or hub names (``;``-separated string or list).
+        spec: a model spec file instead of ``models`` (per-model dtype, device map and weight).
+        weights: one weight per model (``;``-separated or list); default uniform, or the spec's.
+        k: top-k tokens each model proposes per step (default 10).
+        sync: ``"exact"`` (default) or ``"fast"``, as for ``Ensemble``.
+        dtype: dtype of models given by ``models`` (default ``"auto"``).
+        device_map: ``from_pretrained`` device map of models given by ``models``; default ``device``.
+        device: the harness's ``--device``, used as ``device_map`` when that is not given.
+        max_batch_size: accepted for the harness's sake and unused (batch sizes are fixed).
+        batch_size: rows per forward pass or generation batch (default 8).
+        max_gen_toks: generation budget when a task gives none (default 256).
+        max_length: most tokens a model reads at once (default: each model's configured context length,
+            else 2048).
+        greedy_check: compute ``is_greedy`` for ``loglikelihood`` (default true).
+        ensemble: an already built ``unite_ext.decode.Ensemble`` instead of ``models``/``spec``.
+    """
+
+    def __init__(
+        self,
+        models: str | Sequence[str] | None = None,
+        spec: str | None = None,
+        weights: str | Sequence[float] | None = None,
+        k: int = 10,
+        sync: str = "exact",
+        dtype: str = "auto",
+        device_map: str | None = None,
+        device: str | None = None,
+        batch_size: int | str = 8,
+        max_batch_size: int | None = None,
+        max_gen_toks: int = 256,
+        max_length: int | None = None,
+        greedy_check: bool = True,
+        ensemble: Any = None,
+    ) -> None:
+        super().__init__()
+        sources = [models is not None, spec is not None, ensemble is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of models=..., spec=... or ensemble=...")
+        if ensemble is None:
+            if spec is not None:
+                specs = load_spec(spec)
+            else:
+                specs = [
+                    ModelSpec(p, dtype=dtype, device_map=device_map or device) for p in split_list(models)
+                ]
+            weight_list = split_list(weights)
+            if weight_list is not None:
+                if len(weight_list) != len(specs):
+                    raise ValueError(f"weights gives {len(weight_list)} numbers for {len(specs)} models")
+                specs = [
+                    dataclasses.replace(s, weight=float(w)) for s, w in zip(specs, weight_list, strict=True)
+                ]
+            if uses_chat(specs):
+                raise ValueError("chat_template is not supported here: the harness sends rendered prompts")
+            ensemble = build_ensemble(specs, k=int(k), sync=sync)
+        elif weights is not None:
+            raise ValueError("weights=... cannot be combined with ensemble=...; set them on the Ensemble")
+        if isinstance(batch_size, str) and not batch_size.isdigit():
+            raise ValueError(f"batch_size must be a number, got {batch_size!r} ('auto' is not supported)")
+        self.ensemble = ensemble
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        self.max_gen_toks = int(max_gen_toks)
+        self.max_length_override = None if max_length is None else int(max_length)
+        self.greedy_check = bool(greedy_check)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def members(self) -> list[Any]:
+        return self.ensemble.members
+
+    def model_max_length(self, member: Any) -> int:
+        if self.max_length_override is not None:
+            return self.max_length_override
+        config = member.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return DEFAULT_MAX_LENGTH
+
+    @staticmethod
+    def prefix_token(member: Any) -> int:
+        """The token a text starts after: BOS, or EOS for tokenizers without one."""
+        tokenizer = member.tokenizer
+        return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else member.eos_token_ids[0]
+
+    def encode_pair(self, index: int, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Model ``index``'s (context tokens, continuation tokens); see the module documentation."""
+        member = self.members[index]
+        if context:
+            context_ids = list(member.tokenizer(context)["input_ids"])
+            continuation_ids = self.ensemble.tables.encode_mid_text(index, continuation.encode("utf-8"))
+            return context_ids, continuation_ids
+        ids = list(member.tokenizer(continuation)["input_ids"])
+        prefix = self.prefix_token(member)
+        return ([prefix], ids) if not ids or ids[0] != prefix else ([prefix], ids[1:])
+
+    @torch.inference_mode()
+    def score_tokens(self, index: int, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
+        """Model ``index``'s summed log-probability of each continuation given its context.
+
+        Contexts are cut from the left to fit the model's maximum length; rows are left-padded and
+        batched by length (``batch_size`` rows at a time).
+        """
+        member = self.members[index]
+        model = member.model
+        limit = self.model_max_length(member)
+        device = member.input_device
+        results = [0.0] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            inputs, lengths = [], []
+            for i in rows:
+                context, continuation = pairs[i]
+                if not continuation:
+                    raise ValueError("an empty continuation has no likelihood to compute")
+                if len(continuation) > limit:
+                    raise ValueError(
+                        f"continuation of {len(continuation)} tokens exceeds {member.name}'s {limit}"
+                    )
+                tokens = (context + continuation)[-(limit + 1) :][:-1]  # the last token is only predicted
+                inputs.append(tokens)
+                lengths.append(len(continuation))
+            width = max(len(t) for t in inputs)
+            pad = member.pad_token_id
+            ids = torch.tensor([[pad] * (width - len(t)) + t for t in inputs], device=device)
+            mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in inputs], device=device)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            keep = max(lengths)
+            # Rows are left-padded, so the last `keep` positions hold every row's continuation logits.
+            extra = {"logits_to_keep": keep} if member.keeps_last_logits else {}
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[
+                :, -keep:, :
+            ]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(rows):
+                continuation = pairs[i][1]
+                n = len(continuation)
+                targets = torch.tensor(continuation, device=log_probs.device)
+                picked = log_probs[row, keep - n :, :].gather(1, targets[:, None])
+                results[i] = float(picked.sum())
+        return results
+
+    def ensemble_loglikelihoods(
+        self, pairs_per_model: list[list[tuple[list[int], list[int]]]]
+    ) -> list[float]:
+        """Combine every model's scores of the same requests (module documentation)."""
+        per_model = [self.score_tokens(i, pairs) for i, pairs in enumerate(pairs_per_model)]
+        return [
+            combine_loglikelihoods(values, self.ensemble.weights) for values in zip(*per_model, strict=True)
+        ]
+
+    # ------------------------------------------------------------------ the LM interface
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for request in requests:
+            context, continuation = request.args
+            spaces = len(context) - len(context.rstrip())
+            if spaces:  # " Paris" reads better than "Answer: " + "Paris"
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            pairs.append((context, continuation))
+        encoded = [[self.encode_pair(i, c, x) for c, x in pairs] for i in range(len(self.members))]
+        values = self.ensemble_loglikelihoods(encoded)
+        greedy = self.greedy_flags(pairs) if self.greedy_check else [False] * len(pairs)
+        results = list(zip(values, greedy, strict=True))
+        for request, result in zip(requests, results, strict=True):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def greedy_flags(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether the ensemble's greedy generation from each context starts with the continuation."""
+        flags = [False] * len(pairs)
+        by_budget: dict[int, list[int]] = {}
+        for i, (_, continuation) in enumerate(pairs):
+            # Every step adds at least one byte, so this many steps always cover the continuation.
+            by_budget.setdefault(len(continuation.encode("utf-8")), []).append(i)
+        for budget, rows in by_budget.items():
+            contexts = [pairs[i][0] for i in rows]
+            if any(not c for c in contexts):
+                raise ValueError("is_greedy needs a non-empty context; pass greedy_check=False")
+            generations = self.ensemble.generate(
+                prompts=contexts, max_new_tokens=budget, batch_size=self.batch_size, progress=False
+            )
+            for i, generation in zip(rows, generations, strict=True):
+                flags[i] = generation.text.startswith(pairs[i][1])
+        return flags
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        windows_per_model: list[list[tuple[list[int], list[int]]]] = []
+        owners: list[list[int]] = []
+        for index, member in enumerate(self.members):
+            windows, owner = [], []
+            for r, request in enumerate(requests):
+                (text,) = request.args
+                _, tokens = self.encode_pair(index, "", text)
+                for window in lm_eval_utils.get_rolling_token_windows(
+                    token_list=tokens,
+                    prefix_token=self.prefix_token(member),
+                    max_seq_len=self.model_max_length(member),
+                    context_len=1,
+                ):
+                    windows.append(lm_eval_utils.make_disjoint_window(window))
+                    owner.append(r)
+            windows_per_model.append(windows)
+            owners.append(owner)
+        per_model_totals = []
+        for index, windows in enumerate(windows_per_model):
+            totals = [0.0] * len(requests)
+            for r, value in zip(owners[index], self.score_tokens(index, windows), strict=True):
+                totals[r] += value
+            per_model_totals.append(totals)
+        results = [
+            combine_loglikelihoods(v, self.ensemble.weights) for v in zip(*per_model_totals, strict=True)
+        ]
+        for request, result in zip(requests, results, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, result)
+        return results
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        results = [""] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
+        for rows in groups.values():
+            settings = dict(requests[rows[0]].args[1])
+            until = settings.pop("until", None)
+            stop = [until] if isinstance(until, str) else list(until or [])
+            max_new_tokens = int(settings.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(settings.pop("temperature", 0.0))
+            do_sample = bool(settings.pop("do_sample", False)) and temperature > 0
+            top_p = float(settings.pop("top_p", 1.0))
+            if settings:
+                logger.warning("unite: ignoring generation settings %s", sorted(settings))
+            generations = self.ensemble.generate(
+                prompts=[requests[i].args[0] for i in rows],
+                max_new_tokens=max_new_tokens,
+                stop=stop or None,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else 1.0,
+                top_p=top_p if do_sample else 1.0,
+                batch_size=self.batch_size,
+                progress=not disable_tqdm,
+            )
+            for i, generation in zip(rows, generations, strict=True):
+                results[i] = generation.text
+                self.cache_hook.add_partial("generate_until", requests[i].args, generation.text)
+        return results
