@@ -3,5 +3,6 @@
 from . import reference
 from ._step_inputs import EnsembleStep
 from .step import ensemble_step, topk_stats, union_average
+from .vocab import VocabTables
 
-__all__ = ["EnsembleStep", "ensemble_step", "reference", "topk_stats", "union_average"]
+__all__ = ["EnsembleStep", "VocabTables", "ensemble_step", "reference", "topk_stats", "union_average"]
