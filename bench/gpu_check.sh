@@ -24,16 +24,16 @@ step() {
 
 card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
 echo "card: $card"
-step build 400 env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e . || {
+step build 240 env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e . || {
   printf '%s\n' "${rows[@]}"
   exit 1
 }
-step cuda_tests 300 "$PY" -m pytest tests/test_step.py -q -x -p no:cacheprovider
-step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
-step racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
-step bench_step 300 "$PY" bench/bench_step.py --device cuda --out "$OUT/bench_step.md"
-if [ -f bench/bench_decode.py ]; then
-  step bench_decode 240 "$PY" bench/bench_decode.py --device cuda
+step cuda_tests 200 "$PY" -m pytest tests/test_step.py -q --maxfail=15 -p no:cacheprovider
+step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step bench_step 150 "$PY" bench/bench_step.py --device cuda --out "$OUT/bench_step.md"
+if [ -f bench/bench_decode.py ] && [ -z "${SKIP_DECODE:-}" ]; then
+  step bench_decode 120 "$PY" bench/bench_decode.py --device cuda
 fi
 
 echo

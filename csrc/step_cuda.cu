@@ -374,9 +374,10 @@ struct UnionArgs {
 };
 
 // Dynamic shared memory of union_average_kernel for a union width L = n * k.
-size_t union_smem_bytes(int width) {
+constexpr size_t union_smem_bytes(int width) {
   return static_cast<size_t>(width) * (4 * sizeof(int32_t) + 4 * sizeof(float) + sizeof(int) + sizeof(bool));
 }
+static_assert(union_smem_bytes(kMaxModels * kMaxK) <= 48 * 1024, "the union must fit the default shared memory");
 
 __global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args) {
   extern __shared__ unsigned char smem[];
@@ -538,6 +539,7 @@ void launch_topk(const std::vector<at::Tensor>& logits, const std::vector<at::Te
                  const std::vector<TopkView>& out) {
   const int n = static_cast<int>(logits.size());
   const int64_t batch = logits[0].size(0);
+  TORCH_CHECK(batch <= 65535, "unite_ext: the CUDA kernels take at most 65535 rows per call, got ", batch);
   int64_t total_vocab = 0;
   for (const auto& x : logits) total_vocab += x.size(1);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -623,13 +625,9 @@ UnionAverage launch_union_average(const std::vector<at::Tensor>& logits, const s
   args.model_probs = model_probs.mutable_data_ptr<float>();
   args.status = status.mutable_data_ptr<int32_t>();
 
-  const size_t smem = union_smem_bytes(width);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(union_average_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
   if (batch > 0) {
-    union_average_kernel<<<static_cast<unsigned>(batch), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(args);
+    union_average_kernel<<<static_cast<unsigned>(batch), kThreads, union_smem_bytes(width),
+                           at::cuda::getCurrentCUDAStream()>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {next_canon, next_ids, union_ids, union_probs, model_probs, status};
