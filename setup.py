@@ -38,7 +38,7 @@ def pip_cuda_include_dirs() -> list[str]:
 
 def extension():
     sources = [f"csrc/{name}" for name in ("torch_bindings.cpp", "step_cpu.cpp", "python_module.cpp")]
-    cxx_flags = ["-O3", "-fopenmp-simd", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fvisibility=hidden"]
     if not want_cuda():
         return CppExtension("unite_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
     if not torch.cuda.is_available():

@@ -23,7 +23,9 @@ CASES = [
 
 def random_tables(vocab_sizes: tuple[int, ...], num_canonical: int, gen: torch.Generator):
     to_canon = [torch.randint(-1, num_canonical, (v,), generator=gen, dtype=torch.int32) for v in vocab_sizes]
-    from_canon = [torch.randint(-1, v, (num_canonical,), generator=gen, dtype=torch.int32) for v in vocab_sizes]
+    from_canon = [
+        torch.randint(-1, v, (num_canonical,), generator=gen, dtype=torch.int32) for v in vocab_sizes
+    ]
     return to_canon, from_canon
 
 
@@ -36,7 +38,9 @@ def main() -> int:
         logits[0][0, 3] = float("nan")  # row 0 of model 0 is left out
         uniforms = torch.rand(batch, generator=gen)
         for temperature, top_p in ((0.0, 1.0), (0.8, 0.9)):
-            cpu = unite_ext.ensemble_step(logits, (to_canon, from_canon), k, None, temperature, top_p, None, uniforms)
+            cpu = unite_ext.ensemble_step(
+                logits, (to_canon, from_canon), k, None, temperature, top_p, None, uniforms
+            )
             gpu = unite_ext.ensemble_step(
                 [x.cuda() for x in logits],
                 ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
@@ -50,14 +54,14 @@ def main() -> int:
             stages = unite_ext.union_average(
                 [x.cuda() for x in logits],
                 ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
-                [unite_ext.topk_stats(x.cuda(), t.cuda(), k) for x, t in zip(logits, to_canon)],
+                [unite_ext.topk_stats(x.cuda(), t.cuda(), k) for x, t in zip(logits, to_canon, strict=True)],
                 None,
                 temperature,
                 top_p,
                 None,
                 uniforms.cuda(),
             )
-            for name, a, b, c in zip(cpu._fields, cpu, gpu, stages):
+            for name, a, b, c in zip(cpu._fields, cpu, gpu, stages, strict=True):
                 b, c = b.cpu(), c.cpu()
                 same = torch.equal(b, c) and (
                     torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)

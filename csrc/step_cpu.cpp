@@ -36,7 +36,8 @@ inline float exp_nonpositive(float x) {
   return p * __builtin_bit_cast(float, bits);
 }
 
-// The per-block loops are vectorised through `omp simd` reductions (-fopenmp-simd, no OpenMP runtime)
+// The per-block loops are vectorised through `omp simd` reductions (-fopenmp-simd, no OpenMP runtime;
+// -fno-trapping-math lets the compiler turn the clamps into selects)
 // and cloned for AVX2, dispatched at load time on machines that have it.
 
 // Converts one block of logits to float; returns its maximum and flags a NaN or +inf in `bad`.

@@ -52,7 +52,9 @@ def _tables_pair(tables: TablesLike | tuple[Sequence[Tensor], Sequence[Tensor]])
         return list(tables.to_canon), list(tables.from_canon)
     if isinstance(tables, (tuple, list)) and len(tables) == 2:
         return list(tables[0]), list(tables[1])
-    raise TypeError("tables must be a VocabTables or a pair (to_canon: list[Tensor], from_canon: list[Tensor])")
+    raise TypeError(
+        "tables must be a VocabTables or a pair (to_canon: list[Tensor], from_canon: list[Tensor])"
+    )
 
 
 def _check_weights(weights: Sequence[float] | Tensor | None, n: int) -> list[float]:
@@ -97,7 +99,9 @@ def prepare_step_inputs(
     num_canonical = from_canon[0].shape[0] if from_canon[0].dim() == 1 else None
     for i, (x, tc, fc) in enumerate(zip(logits, to_canon, from_canon, strict=True)):
         if not isinstance(x, Tensor) or x.dim() != 2:
-            raise ValueError(f"logits[{i}] must be a 2-D [B, V] tensor, got shape {getattr(x, 'shape', None)}")
+            raise ValueError(
+                f"logits[{i}] must be a 2-D [B, V] tensor, got shape {getattr(x, 'shape', None)}"
+            )
         if x.dtype not in LOGIT_DTYPES:
             raise TypeError(f"logits[{i}] has dtype {x.dtype}; expected float32, bfloat16 or float16")
         if x.device != device:
@@ -119,7 +123,8 @@ def prepare_step_inputs(
             )
         if fc.shape[0] != num_canonical:
             raise ValueError(
-                f"tables.from_canon[{i}] has {fc.shape[0]} entries but tables.from_canon[0] has {num_canonical}"
+                f"tables.from_canon[{i}] has {fc.shape[0]} entries "
+                f"but tables.from_canon[0] has {num_canonical}"
             )
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")

@@ -70,7 +70,11 @@ def union_average(
 
     # Step 2: union of the candidates' canonical ids, ascending, padded with -1.
     canon = torch.cat(
-        [torch.where(ids >= 0, tc[ids.clamp(min=0)].long(), -1) for ids, tc in zip(topk_ids, to_canon)], 1
+        [
+            torch.where(ids >= 0, tc[ids.clamp(min=0)].long(), -1)
+            for ids, tc in zip(topk_ids, to_canon, strict=True)
+        ],
+        1,
     )
     big = torch.iinfo(torch.int64).max
     canon = torch.where(canon >= 0, canon, big).sort(1).values
@@ -103,7 +107,8 @@ def union_average(
     model_probs = torch.stack(model_probs)  # [N, B, L]
 
     # Step 5: weights renormalised over the usable models of each row.
-    w = torch.tensor(weights, dtype=torch.float32, device=device).unsqueeze(1) * usable
+    # Built with fills, not a host-to-device copy, so that the step can be captured in a CUDA graph.
+    w = torch.stack([torch.where(usable[i], weights[i], 0.0) for i in range(n)])
     w_total = w.sum(0)
     w = torch.where(w_total > 0, w / w_total, 0.0)
     probs = (w.unsqueeze(2) * model_probs).sum(0)

@@ -73,7 +73,7 @@ def union_average(
     generator: torch.Generator | None = None,
     uniforms: Tensor | None = None,
 ) -> EnsembleStep:
-    """Stages 2-6 from each model's :func:`topk_stats` result; gives exactly :func:`ensemble_step`'s outputs."""
+    """Stages 2-6 from each model's :func:`topk_stats` result; exactly :func:`ensemble_step`'s outputs."""
     k = topk[0][0].shape[1]
     args = prepare_step_inputs(logits, tables, k, weights, temperature, top_p, generator, uniforms)
     next_canon, next_ids, union_ids, union_probs, model_probs, status = ops.union_average(
