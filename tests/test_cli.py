@@ -13,30 +13,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tiny_models import tiny_model_for_tokenizer
+from tiny_models import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unite_ext.cli import main, model_specs
 from unite_ext.model_spec import ModelSpec, load_spec, uses_chat
 from unite_ext.tasks import get_task
-from unite_ext.toy_tokenizers import (
-    SAMPLE_TEXTS,
-    SIMPLE_CHAT_TEMPLATE,
-    train_byte_level_bpe,
-    train_sentencepiece_bpe,
-)
-
-TOKENIZER_TRAINERS = {"byte": train_byte_level_bpe, "sentencepiece": train_sentencepiece_bpe}
-
-
-def save_tiny_checkpoint(folder: Path, tokenizer_kind: str, seed: int) -> Path:
-    """A tiny random Llama-style model and a tokenizer trained here, saved as a Hugging Face folder."""
-    tokenizer = TOKENIZER_TRAINERS[tokenizer_kind](
-        list(SAMPLE_TEXTS), 400, chat_template=SIMPLE_CHAT_TEMPLATE
-    )
-    tiny_model_for_tokenizer("llama", tokenizer, seed=seed).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
-from test_cli import save_tiny_checkpoint  # noqa: E402
-from tiny_models import tiny_model_for_tokenizer  # noqa: E402
+from tiny_models import save_tiny_checkpoint, tiny_model_for_tokenizer  # noqa: E402
 
 from unite_ext.decode import Ensemble  # noqa: E402
 from unite_ext.lm_eval import UniteLM, combine_loglikelihoods  # noqa: E402

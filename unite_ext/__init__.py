@@ -2,7 +2,18 @@
 
 from . import reference
 from ._step_inputs import EnsembleStep
+from .decode import Ensemble, Generation, StepTrace
 from .step import ensemble_step, topk_stats, union_average
 from .vocab import VocabTables
 
-__all__ = ["EnsembleStep", "VocabTables", "ensemble_step", "reference", "topk_stats", "union_average"]
+__all__ = [
+    "Ensemble",
+    "EnsembleStep",
+    "Generation",
+    "StepTrace",
+    "VocabTables",
+    "ensemble_step",
+    "reference",
+    "topk_stats",
+    "union_average",
+]

@@ -1,0 +1,475 @@
+"""Tests of the decoding loop `unite_ext.Ensemble` (SPEC.md section 3) on tiny random models.
+
+References are independent of the loop: Hugging Face `generate`, the tokenizers' own encodings, fresh
+full forward passes without a cache, and the same rows decoded one by one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_causal_lm, tiny_model_for_tokenizer
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from unite_ext.decode import Ensemble, Generation, StepTrace
+from unite_ext.toy_tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
+
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+)
+DEVICES = ["cpu", CUDA]
+
+PROMPTS = [
+    "The capital of France is",
+    "Hi",
+    " leading space and a\nnewline",
+    "Ünïcödé — 東京 and emoji 🙂 in one prompt",
+]
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Tokenizers split text into pieces; ensembles must agree on the bytes.",
+    'In 1990, James wrote: "hello, world" — and then 42 more lines.\n',
+    "Naïve café déjà vu, 東京タワー, emoji 🙂 and tabs\tbetween words.",
+    "def main():\n    return sum(x * x for x in range(10))\n",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tokenizer_dir: Path) -> dict[str, PreTrainedTokenizerBase]:
+    from transformers import AutoTokenizer
+
+    real = {
+        name: AutoTokenizer.from_pretrained(tokenizer_dir / name)
+        for name in ("gpt2", "qwen2", "llama2", "mistral")
+    }
+    real["toy_byte"] = train_byte_level_bpe(CORPUS, vocab_size=400)
+    real["toy_sp"] = train_sentencepiece_bpe(CORPUS, vocab_size=400)
+    return real
+
+
+def real_vocab_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """A tiny model for one of the real tokenizers; Qwen2 gets its real config's 151936 logits."""
+    architecture = {"gpt2": "gpt2", "qwen2": "qwen2", "llama2": "llama", "mistral": "mistral"}.get(
+        name, "llama"
+    )
+    vocab_size = 151936 if name == "qwen2" else len(tokenizer)
+    return tiny_causal_lm(
+        architecture,
+        vocab_size,
+        seed=seed,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+class Recorder:
+    """Collects, per row and model, the continuation tokens the model holds before every step."""
+
+    def __init__(self, keep_logits: bool = False):
+        self.continuations: dict[tuple[int, int], list[list[int]]] = defaultdict(list)
+        self.traces: list[StepTrace] = []
+        self.keep_logits = keep_logits
+
+    def __call__(self, trace: StepTrace) -> None:
+        for i, (tokens, lengths) in enumerate(zip(trace.tokens, trace.prompt_lengths, strict=True)):
+            for b, row in enumerate(trace.rows):
+                self.continuations[row, i].append(tokens[b][lengths[b] :])
+        if self.keep_logits:
+            self.traces.append(trace)
+
+
+def hf_suppressed_tokens(ensemble: Ensemble, i: int) -> list[int]:
+    """Tokens the ensemble can never emit for model `i`: special tokens and the duplicates of a byte
+    string that are not its canonical representative (e.g. Llama-2's <0x41> next to "A")."""
+    to_canon = ensemble.tables.to_canon[i].long()
+    from_canon = ensemble.tables.from_canon[i].long()
+    ids = torch.arange(to_canon.shape[0])
+    duplicate = (to_canon > 0) & (from_canon[to_canon.clamp(min=0)] != ids)
+    return ids[(to_canon < 0) | duplicate].tolist()
+
+
+def hf_greedy(
+    model: PreTrainedModel, tokenizer, prompts: list[str], max_new_tokens: int, suppress: list[int]
+) -> list[list[int]]:
+    """Hugging Face greedy generation of left-padded prompts; each row cut after its first end token."""
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.eos_token_id
+    device = model.device
+    input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    banned = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+    banned[suppress] = True
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([lambda ids, scores: scores.masked_fill(banned, float("-inf"))]),
+        pad_token_id=pad,
+    )
+    eos = set(
+        model.generation_config.eos_token_id
+        if isinstance(model.generation_config.eos_token_id, list)
+        else [model.generation_config.eos_token_id]
+    )
+    rows = []
+    for generated in out[:, width:].tolist():
+        ends = [j for j, t in enumerate(generated) if t in eos]
+        rows.append(generated[: ends[0] + 1] if ends else generated)
+    return rows
+
+
+def assert_matches_hf(
+    generations: list[Generation],
+    recorder: Recorder,
+    hf_rows: list[list[int]],
+    eos: int,
+    tokenizer,
+    byte_level: bool,
+) -> None:
+    for r, (generation, hf_ids) in enumerate(zip(generations, hf_rows, strict=True)):
+        assert generation.num_steps == len(hf_ids), (r, generation, hf_ids)
+        assert generation.finish_reason == ("eos" if hf_ids[-1] == eos else "length")
+        # Before step s the model holds exactly Hugging Face's first s generated tokens.
+        seen = recorder.continuations[r, 0]
+        assert len(seen) == len(hf_ids)
+        for s, continuation in enumerate(seen):
+            assert continuation == hf_ids[:s], (r, s)
+        if byte_level:  # byte-level decoding is byte-exact (SentencePiece's drops a leading space)
+            text_ids = hf_ids[:-1] if hf_ids[-1] == eos else hf_ids
+            assert generation.text == tokenizer.decode(text_ids, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "llama2", "mistral"])
+def test_single_model_matches_hf_generate(tokenizers, name: str, device: str) -> None:
+    tokenizer = tokenizers[name]
+    model = real_vocab_model(name, tokenizer, seed=1).to(device)
+    byte_level = name in ("gpt2", "qwen2")
+    eos = tokenizer.eos_token_id
+    max_new_tokens = 12
+    # sync="fast" feeds the chosen token itself, as `generate` does ("exact" would re-encode the text).
+    ensemble = Ensemble([model], [tokenizer], sync="fast")
+    suppress = hf_suppressed_tokens(ensemble, 0)
+    hf_batched = hf_greedy(model, tokenizer, PROMPTS, max_new_tokens, suppress)
+    hf_alone = [hf_greedy(model, tokenizer, [p], max_new_tokens, suppress)[0] for p in PROMPTS[:2]]
+    for k in (1, 3, 10):
+        ensemble = Ensemble([model], [tokenizer], k=k, sync="fast", tables=ensemble.tables)
+        recorder = Recorder()
+        generations = ensemble.generate(
+            PROMPTS, max_new_tokens=max_new_tokens, on_step=recorder, progress=False
+        )
+        assert_matches_hf(generations, recorder, hf_batched, eos, tokenizer, byte_level)
+        for prompt, hf_ids in zip(PROMPTS[:2], hf_alone, strict=True):
+            recorder = Recorder()
+            generation = ensemble.generate(
+                [prompt], max_new_tokens=max_new_tokens, on_step=recorder, progress=False
+            )
+            assert_matches_hf(generation, recorder, [hf_ids], eos, tokenizer, byte_level)
+
+
+@pytest.mark.parametrize("sync", ["exact", "fast"])
+def test_two_copies_of_a_model_give_its_text(tokenizers, sync: str) -> None:
+    tokenizer = tokenizers["qwen2"]
+    model = real_vocab_model("qwen2", tokenizer, seed=2)
+    alone = Ensemble([model], [tokenizer], sync=sync)
+    twice = Ensemble([model, model], [tokenizer, tokenizer], weights=[0.3, 0.7], sync=sync)
+    expected = alone.generate(PROMPTS, max_new_tokens=16, progress=False)
+    assert twice.generate(PROMPTS, max_new_tokens=16, progress=False) == expected
+    if sync == "fast":  # the model reads its own tokens: the text is Hugging Face's greedy text
+        hf_rows = hf_greedy(model, tokenizer, PROMPTS, 16, hf_suppressed_tokens(alone, 0))
+        for generation, hf_ids in zip(expected, hf_rows, strict=True):
+            eos_cut = hf_ids[:-1] if hf_ids[-1] == tokenizer.eos_token_id else hf_ids
+            assert generation.text == tokenizer.decode(eos_cut, clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="module")
+def mixed_ensemble_parts(tokenizers) -> tuple[list[PreTrainedModel], list[PreTrainedTokenizerBase]]:
+    """Four architectures with four kinds of tokenizers (byte-level and SentencePiece, real and trained)."""
+    names = ["qwen2", "llama2", "toy_sp", "toy_byte"]
+    models = [
+        real_vocab_model("qwen2", tokenizers["qwen2"], seed=4),
+        real_vocab_model("llama2", tokenizers["llama2"], seed=5),
+        tiny_model_for_tokenizer("mistral", tokenizers["toy_sp"], seed=6),
+        tiny_model_for_tokenizer("gpt2", tokenizers["toy_byte"], seed=7),
+    ]
+    return models, [tokenizers[n] for n in names]
+
+
+def test_batch_gives_the_rows_texts(mixed_ensemble_parts) -> None:
+    models, toks = mixed_ensemble_parts
+    ensemble = Ensemble(models, toks, k=5)
+    first = ensemble.generate(PROMPTS, max_new_tokens=20, batch_size=4, progress=False)
+    # A stop string from the middle of row 0's text makes rows finish at different steps.
+    stop = first[0].text[6:8]
+    batched = ensemble.generate(PROMPTS, max_new_tokens=20, stop=stop, batch_size=4, progress=False)
+    one_by_one = [
+        ensemble.generate([p], max_new_tokens=20, stop=stop, batch_size=1, progress=False)[0] for p in PROMPTS
+    ]
+    assert batched == one_by_one
+    for before, after in zip(first, batched, strict=True):
+        if stop in before.text:
+            assert after.text == before.text[: before.text.index(stop)]
+            assert after.finish_reason == "stop"
+        else:
+            assert after == before
+    assert batched[0].finish_reason == "stop" and batched[0].num_steps < 20
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("sync", "lookbehind"), [("exact", 1), ("exact", 8), ("fast", 8)])
+def test_continuations_match_the_tokenizers_and_a_fresh_forward(
+    mixed_ensemble_parts, sync: str, lookbehind: int, device: str
+) -> None:
+    models, toks = mixed_ensemble_parts
+    models = [copy.deepcopy(m).to(device) for m in models]  # the fixture's models stay on the CPU
+    ensemble = Ensemble(models, toks, k=4, sync=sync, lookbehind=lookbehind)
+    recorder = Recorder(keep_logits=True)
+    # Batches of 2 rows and of 1 row: rollbacks are masked per row, or cropped when all rows agree.
+    ensemble.generate(PROMPTS[:3], max_new_tokens=24, batch_size=2, on_step=recorder, progress=False)
+    assert len(recorder.traces) >= 32
+    rollbacks = 0
+    rows_disagree = 0  # steps where rows of one batch rolled back different numbers of tokens
+    for trace in recorder.traces:
+        for i, (model, tokenizer) in enumerate(zip(models, toks, strict=True)):
+            dropped = []
+            for b, row in enumerate(trace.rows):
+                generated = trace.generated[b]
+                continuation = trace.tokens[i][b][trace.prompt_lengths[i][b] :]
+                if sync == "exact":
+                    assert continuation == ensemble.tables.encode_mid_text(i, generated), (trace.step, i, row)
+                    text = generated.decode("utf-8", errors="replace")
+                    round_trips = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+                    # Byte-level tokenizers: the plain encoding of a text that round-trips.
+                    if i in (0, 3) and round_trips and text.encode() == generated:
+                        assert continuation == tokenizer.encode(text, add_special_tokens=False)
+                else:  # the tokens spell the generated bytes
+                    canonical = ensemble.tables.to_canon[i][continuation].tolist()
+                    assert ensemble.tables.decode(canonical) == generated and min(canonical, default=1) > 0
+                # The cached, masked, rolled-back state gives the logits of a fresh pass over the tokens.
+                with torch.no_grad():
+                    ids = torch.tensor([trace.tokens[i][b]], device=model.device)
+                    fresh = model(ids, logits_to_keep=1).logits[0, -1]
+                torch.testing.assert_close(trace.logits[i][b], fresh, atol=2e-4, rtol=1e-4)
+                previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
+                dropped.append(len(previous) - len(_common_prefix(previous, continuation)))
+            rollbacks += sum(d > 0 for d in dropped)
+            rows_disagree += len(set(dropped)) > 1
+    if sync == "exact":
+        assert rollbacks > 0 and rows_disagree > 0  # the masked (per-row) rollback path ran
+    else:
+        assert rollbacks == 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> list[int]:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def test_end_of_sequence_ends_a_row(tokenizers) -> None:
+    tokenizer = tokenizers["gpt2"]
+    eos = tokenizer.eos_token_id
+    model = tiny_model_for_tokenizer("llama", tokenizer, seed=8)
+    probe = Ensemble([model], [tokenizer], sync="fast")
+    suppress = [t for t in hf_suppressed_tokens(probe, 0) if t != eos]
+    hf_ids = hf_greedy(model, tokenizer, PROMPTS[:1], 12, suppress)[0]
+    # Make the end token's logit a little above that of the token the model emits at step 4.
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 1.05 * model.lm_head.weight[hf_ids[4]]
+    hf_ids = hf_greedy(model, tokenizer, PROMPTS[:1], 12, suppress)[0]
+    assert hf_ids[-1] == eos and len(hf_ids) < 12
+    streamed: dict[int, str] = defaultdict(str)
+    generation = Ensemble([model], [tokenizer], sync="fast").generate(
+        PROMPTS[:1],
+        max_new_tokens=12,
+        stream=lambda row, delta: streamed.__setitem__(row, streamed[row] + delta),
+        progress=False,
+    )[0]
+    assert generation.finish_reason == "eos"
+    assert generation.num_steps == len(hf_ids)
+    assert generation.text == tokenizer.decode(hf_ids[:-1], clean_up_tokenization_spaces=False)
+    assert generation.num_bytes == len(generation.text.encode())
+    assert streamed[0] == generation.text
+
+
+def test_a_model_with_weight_zero_does_not_vote(mixed_ensemble_parts) -> None:
+    models, toks = mixed_ensemble_parts
+    for voter in (0, 1):
+        alone = Ensemble([models[voter]], [toks[voter]]).generate(PROMPTS, max_new_tokens=10, progress=False)
+        weights = [1.0, 0.0] if voter == 0 else [0.0, 1.0]
+        pair = Ensemble(models[:2], toks[:2], weights=weights).generate(
+            PROMPTS, max_new_tokens=10, progress=False
+        )
+        assert pair == alone
+
+
+def test_stop_strings_and_length_with_streaming(mixed_ensemble_parts) -> None:
+    models, toks = mixed_ensemble_parts
+    ensemble = Ensemble(models[:2], toks[:2])
+    full = ensemble.generate(PROMPTS, max_new_tokens=15, progress=False)
+    assert all(g.finish_reason == "length" and g.num_steps == 15 for g in full)
+    # A long stop string spans several steps: its beginning must not be streamed before it is complete.
+    stops = [full[1].text[4:7], full[2].text[-2:], full[3].text[3:15]]
+    streamed: dict[int, list[str]] = defaultdict(list)
+    stopped = ensemble.generate(
+        PROMPTS,
+        max_new_tokens=15,
+        stop=stops,
+        stream=lambda row, delta: streamed[row].append(delta),
+        progress=False,
+    )
+    for r, (before, after) in enumerate(zip(full, stopped, strict=True)):
+        positions = [before.text.find(s) for s in stops if s in before.text]
+        if positions:
+            assert after.finish_reason == "stop"
+            assert after.text == before.text[: min(positions)]
+        else:
+            assert after == before
+        assert "".join(streamed[r]) == after.text
+        assert after.num_bytes == len(after.text.encode())
+    assert all(g.finish_reason == "stop" for g in stopped[1:])
+    short = ensemble.generate(PROMPTS[:2], max_new_tokens=3, progress=False)
+    assert [g.num_steps for g in short] == [3, 3] and {g.finish_reason for g in short} == {"length"}
+    assert [g.text for g in short] == [
+        g.text for g in ensemble.generate(PROMPTS[:2], max_new_tokens=3, progress=False)
+    ]
+
+
+def test_sampling_is_reproducible_with_a_seed(mixed_ensemble_parts) -> None:
+    models, toks = mixed_ensemble_parts
+    ensemble = Ensemble(models[:2], toks[:2])
+
+    def sample(seed: int) -> list[str]:
+        out = ensemble.generate(
+            PROMPTS[:3], max_new_tokens=12, do_sample=True, temperature=1.5, seed=seed, progress=False
+        )
+        return [g.text for g in out]
+
+    assert sample(0) == sample(0)
+    assert sample(0) != sample(1)
+    greedy = [g.text for g in ensemble.generate(PROMPTS[:3], max_new_tokens=12, progress=False)]
+    assert sample(0) != greedy
+
+
+def test_prompts_and_chat_messages_use_each_tokenizers_rules(tokenizers) -> None:
+    toy = train_byte_level_bpe(CORPUS, vocab_size=400)
+    toy.chat_template = CHAT_TEMPLATE
+    toks = [tokenizers["qwen2"], tokenizers["llama2"], toy]
+    models = [real_vocab_model("qwen2", toks[0], seed=9), real_vocab_model("llama2", toks[1], seed=10)]
+    models.append(tiny_model_for_tokenizer("qwen2", toy, seed=11))
+    recorder = Recorder(keep_logits=True)
+    plain = Ensemble(models[:2], toks[:2])
+    plain.generate(PROMPTS[:2], max_new_tokens=1, on_step=recorder, progress=False)
+    first = recorder.traces[0]
+    for i, tokenizer in enumerate(toks[:2]):
+        for b, row in enumerate(first.rows):
+            assert first.tokens[i][b] == tokenizer(PROMPTS[row])["input_ids"]  # Llama-2 adds <s>
+    conversations = [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "Hi"}]]
+    chat = Ensemble([models[0], models[2]], [toks[0], toy])
+    recorder = Recorder(keep_logits=True)
+    chat.generate(messages=conversations, max_new_tokens=1, on_step=recorder, progress=False)
+    first = recorder.traces[0]
+    for i, tokenizer in enumerate([toks[0], toy]):
+        for b, row in enumerate(first.rows):
+            expected = tokenizer.apply_chat_template(
+                conversations[row], add_generation_prompt=True, tokenize=True
+            )
+            expected = (
+                expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+            )
+            assert first.tokens[i][b] == expected
+    with pytest.raises(ValueError, match=r"tokenizers\[1\] has no chat template"):
+        plain.generate(messages=conversations, max_new_tokens=1, progress=False)
+
+
+def test_from_pretrained_loads_local_folders(tokenizers, tmp_path: Path) -> None:
+    toks = [tokenizers["toy_byte"], tokenizers["toy_sp"]]
+    models = [
+        tiny_model_for_tokenizer("gpt2", toks[0], seed=12),
+        tiny_model_for_tokenizer("llama", toks[1], seed=13),
+    ]
+    folders = []
+    for n, (model, tokenizer) in enumerate(zip(models, toks, strict=True)):
+        folders.append(tmp_path / f"model{n}")
+        model.save_pretrained(folders[-1])
+        tokenizer.save_pretrained(folders[-1])
+    loaded = Ensemble.from_pretrained(folders, dtype=[torch.float32, torch.float32], k=3)
+    expected = Ensemble(models, toks, k=3).generate(PROMPTS, max_new_tokens=8, progress=False)
+    assert loaded.generate(PROMPTS, max_new_tokens=8, progress=False) == expected
+    with pytest.raises(ValueError, match="dtype has 1 entries but there are 2 models"):
+        Ensemble.from_pretrained(folders, dtype=[torch.float32])
+
+
+def test_nan_logits_name_the_model(tokenizers) -> None:
+    toks = [tokenizers["gpt2"], tokenizers["llama2"]]
+    models = [real_vocab_model("gpt2", toks[0]), real_vocab_model("llama2", toks[1])]
+    with torch.no_grad():
+        models[1].lm_head.weight.fill_(float("nan"))
+    ensemble = Ensemble(models, toks)
+    # The other model still votes, so the text goes on ...
+    assert ensemble.generate(PROMPTS[:1], max_new_tokens=2, progress=False)[0].num_steps == 2
+    with torch.no_grad():
+        models[0].lm_head.weight.fill_(float("nan"))
+    # ... until no model is usable.
+    with pytest.raises(RuntimeError, match=r"models\[0\].*models\[1\]"):
+        ensemble.generate(PROMPTS[:1], max_new_tokens=2, progress=False)
+
+
+def test_clear_errors(tokenizers) -> None:
+    tokenizer = tokenizers["gpt2"]
+    model = real_vocab_model("gpt2", tokenizer)
+    ensemble = Ensemble([model], [tokenizer])
+    with pytest.raises(ValueError, match="no prompts"):
+        ensemble.generate()
+    with pytest.raises(ValueError, match="prompts is empty"):
+        ensemble.generate([])
+    with pytest.raises(ValueError, match="either prompts or messages"):
+        ensemble.generate(["a"], messages=[[{"role": "user", "content": "a"}]])
+    with pytest.raises(ValueError, match="models is empty"):
+        Ensemble([], [])
+    with pytest.raises(ValueError, match="2 models but 1 tokenizers"):
+        Ensemble([model, model], [tokenizer])
+    with pytest.raises(ValueError, match="weights has 1 entries but there are 2 models"):
+        Ensemble([model, model], [tokenizer, tokenizer], weights=[1.0])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ensemble.generate(["a"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="stop"):
+        ensemble.generate(["a"], stop=[""])
+    with torch.device("meta"):
+        meta_model = tiny_causal_lm("gpt2", len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    with pytest.raises(ValueError, match=r"models\[1\].*meta device"):
+        Ensemble([model, meta_model], [tokenizer, tokenizer])
+    no_end = train_byte_level_bpe(CORPUS, vocab_size=300)
+    no_end.eos_token = None
+    assert no_end.eos_token_id is None
+    with pytest.raises(ValueError, match=r"tokenizers\[1\] has no eos_token"):
+        Ensemble([model, tiny_causal_lm("llama", len(no_end))], [tokenizer, no_end])
+    with pytest.raises(ValueError, match="sync"):
+        Ensemble([model], [tokenizer], sync="slow")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_models_on_different_devices(mixed_ensemble_parts) -> None:
+    models, toks = mixed_ensemble_parts
+    on_cpu = Ensemble(models[:2], toks[:2]).generate(PROMPTS, max_new_tokens=10, progress=False)
+    split = Ensemble([copy.deepcopy(models[0]).to("cuda"), models[1]], toks[:2])
+    assert split.generate(PROMPTS, max_new_tokens=10, progress=False) == on_cpu
+    # The step runs where the first model's logits are: here on the CPU.
+    split = Ensemble([models[1], copy.deepcopy(models[0]).to("cuda")], [toks[1], toks[0]])
+    on_cpu = Ensemble([models[1], models[0]], [toks[1], toks[0]]).generate(
+        PROMPTS, max_new_tokens=10, progress=False
+    )
+    assert split.generate(PROMPTS, max_new_tokens=10, progress=False) == on_cpu

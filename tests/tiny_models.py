@@ -1,0 +1,144 @@
+"""Tiny causal LMs with random weights, built from configs of real architectures (no downloads).
+
+They are small enough for CPU tests (hidden size 32 to 64, 2 layers) and keep the real vocabulary size
+of whichever tokenizer they are paired with, so that tokenization-dependent code paths are exercised.
+Weights use a larger initialisation scale than the architectures' defaults so that the next-token
+distributions are peaked and greedy generations do not collapse into one repeated token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from unite_ext.toy_tokenizers import (
+    SAMPLE_TEXTS,
+    SIMPLE_CHAT_TEMPLATE,
+    train_byte_level_bpe,
+    train_sentencepiece_bpe,
+)
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2")
+
+# Scale of the normal initialisation of all weights (HF default is 0.02, which gives near-uniform logits).
+INITIALIZER_RANGE = 0.2
+
+
+def tiny_config(
+    architecture: str,
+    vocab_size: int,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    eos_token_id: int | list[int] | None = None,
+    bos_token_id: int | None = None,
+) -> PretrainedConfig:
+    """Config of a tiny model of `architecture` (one of `ARCHITECTURES`) with `vocab_size` logits."""
+    common = {
+        "vocab_size": vocab_size,
+        "initializer_range": INITIALIZER_RANGE,
+        "eos_token_id": eos_token_id,
+        "bos_token_id": bos_token_id,
+    }
+    if architecture == "gpt2":
+        return GPT2Config(
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=1024,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
+    decoder = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads // 2,  # grouped-query attention, as in the real models
+        "max_position_embeddings": 1024,
+        **common,
+    }
+    if architecture == "llama":
+        return LlamaConfig(**decoder)
+    if architecture == "qwen2":
+        return Qwen2Config(**decoder)
+    if architecture == "mistral":
+        return MistralConfig(**decoder)
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+
+
+_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "mistral": MistralForCausalLM,
+    "gpt2": GPT2LMHeadModel,
+}
+
+
+def tiny_causal_lm(
+    architecture: str,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    eos_token_id: int | list[int] | None = None,
+    bos_token_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A tiny causal LM with random weights drawn with `seed`, in eval mode.
+
+    `eos_token_id` goes into both the config and the generation config (as Hugging Face checkpoints do).
+    """
+    config = tiny_config(
+        architecture,
+        vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _MODEL_CLASSES[architecture](config)
+    model.generation_config = GenerationConfig(eos_token_id=eos_token_id, bos_token_id=bos_token_id)
+    return model.to(dtype).eval()
+
+
+def tiny_model_for_tokenizer(architecture: str, tokenizer, *, seed: int = 0, **kwargs) -> PreTrainedModel:
+    """A tiny model whose vocabulary size and end token are those of `tokenizer`."""
+    return tiny_causal_lm(
+        architecture,
+        len(tokenizer),
+        seed=seed,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **kwargs,
+    )
+
+
+def save_tiny_checkpoint(folder: Path, tokenizer_kind: str, seed: int) -> Path:
+    """A tiny random Llama-style model and a tokenizer trained here ("byte" or "sentencepiece"), saved as a
+    Hugging Face folder."""
+    trainers = {"byte": train_byte_level_bpe, "sentencepiece": train_sentencepiece_bpe}
+    tokenizer = trainers[tokenizer_kind](list(SAMPLE_TEXTS), 400, chat_template=SIMPLE_CHAT_TEMPLATE)
+    tiny_model_for_tokenizer("llama", tokenizer, seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
