@@ -1,4 +1,4 @@
-"""The ``unite`` command: ``eval``, ``select``, ``generate`` and ``bench``.
+"""The ``unite`` command: ``eval``, ``select``, ``generate``, ``bench`` and ``demo``.
 
 Run ``unite <command> --help`` for the options of each command.
 """
@@ -225,6 +225,12 @@ def run_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def run_demo(argv: list[str]) -> int:
+    from unite_ext.demo import main as demo_main
+
+    return demo_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unite", description="UNITE ensembling of LLMs with different tokenizers"
@@ -289,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=run_generate)
 
     commands.add_parser("bench", help="ensemble-step micro-benchmark (unite bench --help)", add_help=False)
+    commands.add_parser(
+        "demo",
+        help="two tiny models, each knowing part of the facts, alone and ensembled (unite demo --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -297,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its options belong to the benchmark module
         return run_bench(argv[1:])
+    if argv[:1] == ["demo"]:  # likewise the demo module's
+        return run_demo(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
