@@ -68,6 +68,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
     """Options of the ensemble itself."""
     parser.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model")
+    add_step_options(parser)
+
+
+def add_step_options(parser: argparse.ArgumentParser) -> None:
+    """How the ensemble picks and follows tokens: ``--k`` and ``--sync``."""
     parser.add_argument("--k", type=int, default=10, help="top-k tokens each model proposes (default 10)")
     parser.add_argument(
         "--sync",

@@ -49,6 +49,7 @@ from transformers.utils import logging as transformers_logging
 from . import reference
 from ._step_inputs import MAX_K
 from .benchmark import median_seconds
+from .cli import add_step_options
 from .decode import Ensemble, StepTrace
 from .step import ensemble_step
 from .tasks.evaluation import format_table
@@ -631,13 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.train_steps,
         help=f"training steps per model (default {defaults.train_steps})",
     )
-    parser.add_argument("--k", type=int, default=10, help="top-k tokens each model proposes (default 10)")
-    parser.add_argument(
-        "--sync",
-        choices=("exact", "fast"),
-        default="exact",
-        help="how models follow the text (default exact)",
-    )
+    add_step_options(parser)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
