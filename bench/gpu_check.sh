@@ -33,6 +33,7 @@ step build 240 env MAX_JOBS=16 "${compilers[@]}" "$PY" -m pip install --no-build
   exit 1
 }
 step cuda_tests 200 "$PY" -m pytest tests/test_step.py -q --maxfail=15 -p no:cacheprovider
+step decode_cuda_tests 150 "$PY" -m pytest tests/test_decode.py -q -k "cuda or devices" -p no:cacheprovider
 step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step bench_step 150 "$PY" bench/bench_step.py --device cuda --out "$OUT/bench_step.md"
