@@ -38,9 +38,14 @@ def pip_cuda_include_dirs() -> list[str]:
 
 def extension():
     sources = [f"csrc/{name}" for name in ("torch_bindings.cpp", "step_cpu.cpp", "python_module.cpp")]
-    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP
+    # (torch's own libgomp serves it at run time).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fvisibility=hidden"]
+    link_flags = ["-fopenmp"]
     if not want_cuda():
-        return CppExtension("unite_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension(
+            "unite_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     return CUDAExtension(
@@ -49,6 +54,7 @@ def extension():
         include_dirs=pip_cuda_include_dirs(),
         define_macros=[("UNITE_EXT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+        extra_link_args=link_flags,
     )
 
 

@@ -36,9 +36,9 @@ inline float exp_nonpositive(float x) {
   return p * __builtin_bit_cast(float, bits);
 }
 
-// The per-block loops are vectorised through `omp simd` reductions (-fopenmp-simd, no OpenMP runtime;
-// -fno-trapping-math lets the compiler turn the clamps into selects)
-// and cloned for AVX2, dispatched at load time on machines that have it.
+// The per-block loops are vectorised through `omp simd` reductions (-fno-trapping-math lets the
+// compiler turn the clamps into selects) and cloned for AVX2, dispatched at load time on machines that
+// have it.
 
 // Converts one block of logits to float; returns its maximum and flags a NaN or +inf in `bad`.
 template <typename scalar_t>
@@ -96,27 +96,59 @@ struct RunningTopk {
   }
 };
 
+// What one chunk of a row contributes to the row's top-k and softmax denominator.
+struct ChunkTopk {
+  RunningTopk top;
+  float max = -kInf;
+  float sum_exp = 0.0f;  // sum of exp(x - max) over the chunk
+  int bad = 0;           // a NaN or +inf was seen
+};
+
 template <typename scalar_t>
-void topk_row(const scalar_t* x, const int32_t* to_canon, int64_t vocab, int k, int64_t* ids_out,
-              float* values_out, float* top1_out) {
-  RunningTopk top{k};
+void topk_chunk(const scalar_t* x, const int32_t* to_canon, int64_t first_id, int64_t len, ChunkTopk* out) {
+  RunningTopk& top = out->top;
   float row_max = -kInf, sum_exp = 0.0f;
   int bad = 0;
   float block[kBlock];
-  for (int64_t start = 0; start < vocab; start += kBlock) {
-    const int len = static_cast<int>(std::min<int64_t>(kBlock, vocab - start));
-    const float block_max = load_block(x + start, len, block, &bad);
-    if (bad) continue;  // the row is left out; keep nothing else
+  for (int64_t start = 0; start < len; start += kBlock) {
+    const int block_len = static_cast<int>(std::min<int64_t>(kBlock, len - start));
+    const float block_max = load_block(x + start, block_len, block, &bad);
+    if (bad) break;  // the row is left out; keep nothing else
     if (block_max == -kInf) continue;
     if (block_max > row_max) {
       sum_exp = row_max == -kInf ? 0.0f : sum_exp * std::exp(row_max - block_max);
       row_max = block_max;
     }
-    sum_exp += block_sum_exp(block, len, row_max);
+    sum_exp += block_sum_exp(block, block_len, row_max);
     if (block_max <= top.threshold()) continue;
-    for (int j = 0; j < len; ++j) {
+    for (int j = 0; j < block_len; ++j) {
       const float v = block[j];
-      if (v > top.threshold() && to_canon[start + j] >= 0) top.insert(v, start + j);
+      if (v > top.threshold() && to_canon[start + j] >= 0) top.insert(v, first_id + start + j);
+    }
+  }
+  out->max = row_max;
+  out->sum_exp = sum_exp;
+  out->bad = bad;
+}
+
+// Joins a row's chunks, given in ascending token order: inserting their candidates in that order keeps
+// the smaller id first among equal logits.
+void merge_chunks(const ChunkTopk* chunks, int64_t count, int k, int64_t* ids_out, float* values_out,
+                  float* top1_out) {
+  RunningTopk top{k};
+  float row_max = -kInf;
+  int bad = 0;
+  for (int64_t c = 0; c < count; ++c) {
+    bad |= chunks[c].bad;
+    row_max = std::max(row_max, chunks[c].max);
+  }
+  float sum_exp = 0.0f;
+  for (int64_t c = 0; c < count && !bad; ++c) {
+    const ChunkTopk& chunk = chunks[c];
+    if (chunk.max == -kInf) continue;
+    sum_exp += chunk.sum_exp * std::exp(chunk.max - row_max);
+    for (int s = 0; s < chunk.top.size && chunk.top.value[s] > top.threshold(); ++s) {
+      top.insert(chunk.top.value[s], chunk.top.id[s]);
     }
   }
   const bool usable = !bad && top.size > 0;
@@ -149,28 +181,46 @@ TopkOutputs empty_topk_outputs(const at::Tensor& logits, int64_t k) {
           at::empty({batch}, opts.dtype(at::kFloat))};
 }
 
-// Top-k of several models at once, parallel over (model, row) pairs so that B = 1 still uses every core.
+// Rows are cut into chunks of this many logits, so that the work of a small batch (B = 1, one large and
+// one small vocabulary) spreads evenly over the cores. The cut does not depend on the thread count, so
+// neither do the results.
+constexpr int64_t kChunk = 32 * kBlock;
+
+// Top-k of several models at once: chunks of every (model, row) pair in parallel, then a merge per pair.
 std::vector<TopkOutputs> topk_many(at::TensorList logits_list, at::TensorList to_canon_list, int64_t k) {
   const int64_t n = static_cast<int64_t>(logits_list.size());
   const int64_t batch = logits_list[0].size(0);
   std::vector<at::Tensor> logits(n), to_canon(n);
   std::vector<TopkOutputs> outs(n);
+  std::vector<int64_t> chunks(n), first_task(n + 1, 0);  // chunks per row; index of a model's first chunk
   for (int64_t i = 0; i < n; ++i) {
     logits[i] = logits_list[i].contiguous();
     to_canon[i] = to_canon_list[i].contiguous();
     outs[i] = empty_topk_outputs(logits[i], k);
+    chunks[i] = std::max<int64_t>(1, (logits[i].size(1) + kChunk - 1) / kChunk);
+    first_task[i + 1] = first_task[i] + batch * chunks[i];
   }
-  at::parallel_for(0, n * batch, 1, [&](int64_t begin, int64_t end) {
+  std::vector<ChunkTopk> parts(first_task[n], ChunkTopk{RunningTopk{static_cast<int>(k)}});
+  at::parallel_for(0, first_task[n], 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / batch, b = task % batch;
-      const int64_t vocab = logits[i].size(1);
+      int64_t i = 0;
+      while (task >= first_task[i + 1]) ++i;
+      const int64_t b = (task - first_task[i]) / chunks[i], c = (task - first_task[i]) % chunks[i];
+      const int64_t vocab = logits[i].size(1), start = c * kChunk;
       dispatch_logit_type(logits[i].scalar_type(), [&](auto zero) {
         using scalar_t = decltype(zero);
-        topk_row<scalar_t>(logits[i].const_data_ptr<scalar_t>() + b * vocab, to_canon[i].const_data_ptr<int32_t>(),
-                           vocab, static_cast<int>(k), outs[i].ids.mutable_data_ptr<int64_t>() + b * k,
-                           outs[i].values.mutable_data_ptr<float>() + b * k,
-                           outs[i].top1.mutable_data_ptr<float>() + b);
+        topk_chunk<scalar_t>(logits[i].const_data_ptr<scalar_t>() + b * vocab + start,
+                             to_canon[i].const_data_ptr<int32_t>() + start, start,
+                             std::min(kChunk, vocab - start), &parts[task]);
       });
+    }
+  });
+  at::parallel_for(0, n * batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t i = pair / batch, b = pair % batch;
+      merge_chunks(&parts[first_task[i] + b * chunks[i]], chunks[i], static_cast<int>(k),
+                   outs[i].ids.mutable_data_ptr<int64_t>() + b * k, outs[i].values.mutable_data_ptr<float>() + b * k,
+                   outs[i].top1.mutable_data_ptr<float>() + b);
     }
   });
   return outs;

@@ -181,17 +181,22 @@ def random_step_outputs(impl: str, dtype: torch.dtype, device: str) -> list[Ense
 
 @cache
 def big_vocab_case(dtype: torch.dtype, sampling: bool) -> tuple[StepCase, list[OracleRow]]:
-    """Qwen2 + Llama-3 sized vocabularies; rows: real logits, integer logits (huge ties), a NaN row."""
+    """Qwen2 + Llama-3 sized vocabularies; rows: real logits, integer logits (huge ties), a NaN row,
+    finite logits only at one end of the vocabulary, a +inf as the very last logit."""
     generator = torch.Generator().manual_seed(7)
     to_canon, from_canon = synthetic_tables(BIG_VOCABS, 250_000, generator, special_tokens=300, eos_tokens=2)
     logits = []
     for vocab in BIG_VOCABS:
         x = torch.randn(3, vocab, generator=generator) * 3
         x[1] = torch.randint(-6, 7, (vocab,), generator=generator).float()
-        logits.append(x.to(dtype))
+        logits.append(x)
+    logits = [torch.cat([x, torch.randn(2, x.shape[1], generator=generator) * 3]).to(dtype) for x in logits]
     logits[1][2, 12345] = math.nan
+    logits[0][3, :-1000] = -math.inf
+    logits[1][3, 40000:] = -math.inf
+    logits[0][4, -1] = math.inf
     k, temperature, top_p = (10, 1.0, 0.9) if sampling else (64, 0.0, 1.0)
-    uniforms = torch.tensor([0.25, 0.5, 0.75]) if sampling else None
+    uniforms = torch.tensor([0.25, 0.5, 0.75, 0.1, 0.9]) if sampling else None
     description = f"big vocabularies {BIG_VOCABS} {dtype} k={k} T={temperature} top_p={top_p}"
     case = StepCase(description, logits, to_canon, from_canon, k, [0.4, 0.6], temperature, top_p, uniforms)
     return case, case.oracle()
@@ -456,9 +461,24 @@ def test_op_agrees_with_reference_in_every_row(dtype: torch.dtype, device: str) 
 @pytest.mark.parametrize("impl", list(STEP_FUNCTIONS))
 def test_big_vocabularies_match_float64_oracle(impl: str, sampling: bool, device: str) -> None:
     case, expected = big_vocab_case(torch.bfloat16 if sampling else torch.float32, sampling)
-    assert [row.status for row in expected] == [0, 0, 2]
+    assert [row.status for row in expected] == [0, 0, 2, 0, 1]
     assert all(row.choice_exact for row in expected)
     assert_matches(case.call(STEP_FUNCTIONS[impl], device), case, expected, f"{impl} on {device}")
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count() -> None:
+    """The CPU kernel cuts rows into fixed chunks, so one thread and several give identical bits."""
+    case, _ = big_vocab_case(torch.float32, sampling=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = case.call(unite_ext.ensemble_step, "cpu")
+        torch.set_num_threads(max(2, threads))
+        several = case.call(unite_ext.ensemble_step, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(EnsembleStep._fields, one, several, strict=True):
+        assert torch.equal(a, b), name
 
 
 def left_out_case(weights: list[float] | None) -> StepCase:
