@@ -124,8 +124,12 @@ class Gsm8k(Task):
             for i, r in enumerate(records)
         ]
 
+    def header(self, fewshot: Path | None = None) -> str:
+        """The solved examples that precede every question."""
+        return "".join(f"{question_block(q)} {a}\n\n" for q, a in self.exemplars(fewshot))
+
     def load(self, data: Path, fewshot: Path | None = None) -> list[Example]:
-        header = "".join(f"{question_block(q)} {a}\n\n" for q, a in self.exemplars(fewshot))
+        header = self.header(fewshot)
         examples = []
         for index, record in enumerate(read_records(data)):
             where = f"{data} record {index}"
