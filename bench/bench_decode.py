@@ -7,9 +7,9 @@ For 64, 256 and 512 new tokens it prints:
   its KV cache), run in turn as in the ensemble, since the models share one CPU; the overhead is how
   much longer an ensemble step takes than one step of every member;
 - the fed floor: the same, but each model is fed at every step as many tokens as the ensemble fed it
-  (counted in a greedy run; "fed/step" is their sum over the models). A chosen token that a model lacks
-  as a whole is fed to it as several of its tokens, and exact sync re-feeds a re-encoded tail; the
-  overhead over the fed floor is the loop's own cost;
+  (counted in a greedy run, roll-backs not replayed; "fed/step" is their sum over the models). A chosen
+  token that a model lacks as a whole is fed to it as several of its tokens, and exact sync re-feeds a
+  re-encoded tail; the overhead over the fed floor is the loop's own cost;
 - the time of `ensemble_step` alone on logits of the same shapes (part of the overhead: it reads every
   logit, so with real vocabularies and tiny models it costs about as much as a model's output layer);
 - a loop in the style of the published code: every step calls `generate(max_new_tokens=1)` on each

@@ -107,7 +107,7 @@ struct ChunkTopk {
 template <typename scalar_t>
 void topk_chunk(const scalar_t* x, const int32_t* to_canon, int64_t first_id, int64_t len, ChunkTopk* out) {
   RunningTopk& top = out->top;
-  float row_max = -kInf, sum_exp = 0.0f;
+  float chunk_max = -kInf, sum_exp = 0.0f;
   int bad = 0;
   float block[kBlock];
   for (int64_t start = 0; start < len; start += kBlock) {
@@ -115,18 +115,18 @@ void topk_chunk(const scalar_t* x, const int32_t* to_canon, int64_t first_id, in
     const float block_max = load_block(x + start, block_len, block, &bad);
     if (bad) break;  // the row is left out; keep nothing else
     if (block_max == -kInf) continue;
-    if (block_max > row_max) {
-      sum_exp = row_max == -kInf ? 0.0f : sum_exp * std::exp(row_max - block_max);
-      row_max = block_max;
+    if (block_max > chunk_max) {
+      sum_exp = chunk_max == -kInf ? 0.0f : sum_exp * std::exp(chunk_max - block_max);
+      chunk_max = block_max;
     }
-    sum_exp += block_sum_exp(block, block_len, row_max);
+    sum_exp += block_sum_exp(block, block_len, chunk_max);
     if (block_max <= top.threshold()) continue;
     for (int j = 0; j < block_len; ++j) {
       const float v = block[j];
       if (v > top.threshold() && to_canon[start + j] >= 0) top.insert(v, first_id + start + j);
     }
   }
-  out->max = row_max;
+  out->max = chunk_max;
   out->sum_exp = sum_exp;
   out->bad = bad;
 }
