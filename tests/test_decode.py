@@ -15,6 +15,8 @@ import torch
 from tiny_models import tiny_causal_lm, tiny_model_for_tokenizer
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+import unite_ext.decode
+import unite_ext.step
 from unite_ext.decode import Ensemble, Generation, StepTrace
 from unite_ext.toy_tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
 
@@ -459,6 +461,32 @@ def test_clear_errors(tokenizers) -> None:
         Ensemble([model, tiny_causal_lm("llama", len(no_end))], [tokenizer, no_end])
     with pytest.raises(ValueError, match="sync"):
         Ensemble([model], [tokenizer], sync="slow")
+
+
+def test_the_other_device_step_in_the_loop(mixed_ensemble_parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's step for models on several devices, forced on one CPU (every model's logits go through
+    a stand-in): the same texts as the fused step, greedy and sampled with a seed."""
+    models, toks = mixed_ensemble_parts
+    ensemble = Ensemble(models, toks, k=4)
+
+    def texts() -> list[list[Generation]]:
+        options = dict(max_new_tokens=12, batch_size=2, progress=False)
+        return [
+            ensemble.generate(PROMPTS, **options),
+            ensemble.generate(PROMPTS, do_sample=True, temperature=1.5, seed=3, **options),
+        ]
+
+    want = texts()
+    calls = []
+
+    def across_devices(logits, tables, **options):
+        calls.append(len(logits))
+        return unite_ext.step.ensemble_step_across_devices(logits, [tables] * len(logits), **options)
+
+    monkeypatch.setattr(unite_ext.step, "_enters_whole", lambda x, device: False)
+    monkeypatch.setattr(unite_ext.decode, "ensemble_step", across_devices)
+    assert texts() == want
+    assert len(calls) >= 24 and set(calls) == {len(models)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -591,6 +591,62 @@ def test_stages_compose_to_the_fused_op(dtype: torch.dtype, device: str) -> None
             )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_across_devices_equals_the_fused_op(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model but the first takes the other-device path (stand-in logits filled from its candidates'
+    tokens), on one CPU: exactly ensemble_step's outputs, NaN/+inf rows, k > V and ties included."""
+    for case, _ in random_cases(dtype):
+        tables = case.tables("cpu")
+        first = case.logits[0]
+        monkeypatch.setattr(unite_ext.step, "_enters_whole", lambda x, device, first=first: x is first)
+        options = dict(
+            k=case.k,
+            weights=case.weights,
+            temperature=case.temperature,
+            top_p=case.top_p,
+            uniforms=case.uniforms,
+        )
+        staged = unite_ext.ensemble_step_across_devices(case.logits, [tables] * len(case.logits), **options)
+        fused = unite_ext.ensemble_step(case.logits, tables, **options)
+        for name in EnsembleStep._fields:
+            assert torch.equal(getattr(staged, name), getattr(fused, name)), f"{name}: {case.description}"
+
+
+@cuda_only
+@pytest.mark.parametrize("first_device", ["cuda", "cpu"])
+def test_step_across_cpu_and_cuda(first_device: str) -> None:
+    """Models alternate between the GPU and the CPU, the step on the first model's device: the same step
+    as ensemble_step there (top1_prob within tolerance: each model's row sum is taken on its own device)."""
+    other = "cpu" if first_device == "cuda" else "cuda"
+    for case, expected in random_cases(torch.bfloat16):
+        devices = [first_device if i % 2 == 0 else other for i in range(len(case.logits))]
+        uniforms = None if case.uniforms is None else case.uniforms.to(first_device)
+        got = unite_ext.ensemble_step_across_devices(
+            [x.to(d) for x, d in zip(case.logits, devices, strict=True)],
+            [case.tables(d) for d in devices],
+            k=case.k,
+            weights=case.weights,
+            temperature=case.temperature,
+            top_p=case.top_p,
+            uniforms=uniforms,
+        )
+        assert all(t.device.type == first_device for t in got)
+        want = case.call(unite_ext.ensemble_step, first_device)
+        assert_steps_agree(EnsembleStep(*(t.cpu() for t in got)), want, expected, case.description)
+
+
+def test_step_across_devices_refuses_misplaced_tables() -> None:
+    logits, tables = _valid_inputs()
+    with pytest.raises(ValueError, match="batch size"):
+        unite_ext.ensemble_step_across_devices([logits[0], logits[1][:1]], [tables, tables])
+    with pytest.raises(ValueError, match="one per model"):
+        unite_ext.ensemble_step_across_devices(logits, [tables])
+    if HAS_CUDA:
+        cuda_tables = ([t.cuda() for t in tables[0]], [t.cuda() for t in tables[1]])
+        with pytest.raises(ValueError, match="tables\\[1\\] are on cuda"):
+            unite_ext.ensemble_step_across_devices(logits, [tables, cuda_tables])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_uniforms_drawn_from_generator(device: str) -> None:
     """Without uniforms, sampling draws torch.rand(B) from the generator (reproducible with a seed)."""

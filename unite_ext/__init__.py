@@ -3,7 +3,7 @@
 from . import reference
 from ._step_inputs import EnsembleStep
 from .decode import Ensemble, Generation, StepTrace
-from .step import ensemble_step, topk_stats, union_average
+from .step import ensemble_step, ensemble_step_across_devices, topk_stats, union_average
 from .vocab import VocabTables
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "StepTrace",
     "VocabTables",
     "ensemble_step",
+    "ensemble_step_across_devices",
     "reference",
     "topk_stats",
     "union_average",

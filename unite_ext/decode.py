@@ -22,8 +22,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ._step_inputs import MAX_K, _check_weights
-from .step import ensemble_step
+from ._step_inputs import MAX_K, EnsembleStep, _check_weights
+from .step import ensemble_step, ensemble_step_across_devices
 from .sync import Continuation, ExactSync, FastSync, Synchronizer
 from .vocab import VocabTables
 
@@ -521,18 +521,9 @@ class Ensemble:
         step = 0
         while True:
             logits = self._forward(runs, feeds)
-            tables = self._tables_for(logits[0].device)
             if settings.on_step is not None:
                 settings.on_step(self._trace(step, rows, runs, logits))
-            chosen = ensemble_step(
-                logits,
-                tables,
-                k=self.k,
-                weights=self.weights,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                generator=settings.generator,
-            )
+            chosen = self._step(logits, settings)
             next_canon = chosen.next_canon.tolist()  # the one host sync of the step
             if min(next_canon) < 0:
                 self._raise_unusable(rows, next_canon, chosen.status.tolist())
@@ -570,24 +561,35 @@ class Ensemble:
         return feeds
 
     def _forward(self, runs: list[_ModelBatch], feeds: list[list[list[int]]]) -> list[Tensor]:
-        """Every model's last-position logits, all on the device of the first model's logits.
+        """Every model's last-position logits, each where its model computed them.
 
-        On CUDA every model runs on its own stream, so that the models' forward passes overlap.
+        On CUDA every model runs on its own stream, so that the models' forward passes overlap; the
+        current stream of each logits' device then waits for it.
         """
-        logits: list[Tensor] = []
+        logits = []
         for run, feed in zip(runs, feeds, strict=True):
             with _on_stream(run.stream):
-                x = run.forward(feed)
-                if logits and x.device != logits[0].device:
-                    x = x.to(logits[0].device, non_blocking=logits[0].device.type == "cuda")
-            logits.append(x)
-        if logits[0].device.type == "cuda":
-            current = torch.cuda.current_stream(logits[0].device)
-            for run, x in zip(runs, logits, strict=True):
-                if run.stream is not None:
-                    current.wait_stream(run.stream)
-                    x.record_stream(current)
+                logits.append(run.forward(feed))
+        for run, x in zip(runs, logits, strict=True):
+            if run.stream is not None:
+                current = torch.cuda.current_stream(x.device)
+                current.wait_stream(run.stream)
+                x.record_stream(current)
         return logits
+
+    def _step(self, logits: list[Tensor], settings: _Settings) -> EnsembleStep:
+        """One step on the first model's logits' device; other devices' logits are not copied there whole."""
+        options: dict[str, Any] = {
+            "k": self.k,
+            "weights": self.weights,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "generator": settings.generator,
+        }
+        device = logits[0].device
+        if all(x.device == device for x in logits):
+            return ensemble_step(logits, self._tables_for(device), **options)
+        return ensemble_step_across_devices(logits, [self._tables_for(x.device) for x in logits], **options)
 
     def _trace(self, step: int, rows: list[_Row], runs: list[_ModelBatch], logits: list[Tensor]) -> StepTrace:
         return StepTrace(

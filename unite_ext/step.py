@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._ops import ops
-from ._step_inputs import EnsembleStep, TablesLike, prepare_step_inputs
+from ._step_inputs import EnsembleStep, TablesLike, _tables_pair, prepare_step_inputs
 
 
 def ensemble_step(
@@ -89,3 +89,78 @@ def union_average(
     )
     top1 = torch.stack([t[2] for t in topk])
     return EnsembleStep(next_canon, next_ids, union_ids, union_probs, model_probs, top1, status)
+
+
+def _enters_whole(x: Tensor, device: torch.device) -> bool:
+    """Whether a model's logits enter `union_average` as they are: they already sit on the step's device."""
+    return x.device == device
+
+
+def ensemble_step_across_devices(
+    logits: Sequence[Tensor],
+    tables: Sequence[TablesLike | tuple[Sequence[Tensor], Sequence[Tensor]]],
+    k: int = 10,
+    weights: Sequence[float] | Tensor | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
+) -> EnsembleStep:
+    """:func:`ensemble_step` for models whose logits sit on different devices, without copying them whole.
+
+    ``tables[i]`` are the tables on ``logits[i].device`` (:meth:`VocabTables.to`); the step runs on
+    ``logits[0].device``, where its outputs are. A model on another device runs :func:`topk_stats` there,
+    receives every model's candidates (``[B, N*k]`` canonical ids) and sends back its logits at their
+    tokens, which fill a stand-in row (-inf elsewhere) on the step's device: :func:`union_average` reads
+    a model's logits at the union's tokens only. Outputs equal :func:`ensemble_step`'s on the same logits.
+    """
+    if isinstance(logits, Tensor) or not isinstance(logits, Sequence) or len(logits) == 0:
+        raise TypeError("logits must be a non-empty list of [B, V_i] tensors, one per model")
+    if len(tables) != len(logits):
+        raise ValueError(
+            f"tables has {len(tables)} entries but there are {len(logits)} models: one per model"
+        )
+    pairs = [_tables_pair(t) for t in tables]
+    device, batch = logits[0].device, logits[0].shape[0]
+    for i, (x, (to_canon, from_canon)) in enumerate(zip(logits, pairs, strict=True)):
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != batch:
+            raise ValueError(
+                f"logits[{i}] must be a [B, V] tensor with logits[0]'s batch size {batch}, "
+                f"got shape {getattr(x, 'shape', None)}"
+            )
+        if to_canon[i].device != x.device or from_canon[i].device != x.device:
+            raise ValueError(
+                f"tables[{i}] are on {from_canon[i].device} but logits[{i}] is on {x.device}: "
+                "give each model the tables on its logits' device (tables.to(device))"
+            )
+    stats = [
+        topk_stats(x, to_canon[i], k) for i, (x, (to_canon, _)) in enumerate(zip(logits, pairs, strict=True))
+    ]
+    # Every model's candidates as canonical ids. Empty slots (-1) and special tokens clamp to real tokens
+    # and ids: a model then sends a few more true logits than the union needs, which changes nothing.
+    candidates = torch.cat(
+        [
+            to_canon[i][ids.clamp(min=0)].clamp(min=0).to(device)
+            for i, ((ids, _, _), (to_canon, _)) in enumerate(zip(stats, pairs, strict=True))
+        ],
+        1,
+    )
+    inputs = []
+    for j, (x, (_, from_canon)) in enumerate(zip(logits, pairs, strict=True)):
+        if _enters_whole(x, device):
+            inputs.append(x)
+            continue
+        tokens = from_canon[j][candidates.to(x.device).long()].long().clamp(min=0)  # [B, N*k]
+        values = x.gather(1, tokens)
+        standin = torch.full(x.shape, float("-inf"), dtype=x.dtype, device=device)
+        inputs.append(standin.scatter_(1, tokens.to(device), values.to(device)))
+    return union_average(
+        inputs,
+        pairs[0],
+        [tuple(t.to(device) for t in s) for s in stats],
+        weights,
+        temperature,
+        top_p,
+        generator,
+        uniforms,
+    )
