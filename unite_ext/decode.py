@@ -571,7 +571,7 @@ class Ensemble:
             with _on_stream(run.stream):
                 logits.append(run.forward(feed))
         for run, x in zip(runs, logits, strict=True):
-            if run.stream is not None:
+            if run.stream is not None and x.device.type == "cuda":  # logits copied to the CPU are ready
                 current = torch.cuda.current_stream(x.device)
                 current.wait_stream(run.stream)
                 x.record_stream(current)
