@@ -22,10 +22,10 @@ For 64, 256 and 512 new tokens it prints:
 Prompt: by default the GSM8K 4-shot prompt of `unite eval` with one question (the paper's setting, a few
 hundred tokens), or --prompt short (one short sentence).
 
-Tokenizers: Qwen2 (151,936 logits) and Llama-2 from ../shared/tokenizers when present, else (or with
---tokenizers trained) two tokenizers trained here (byte-level and SentencePiece BPE, 2000 tokens at
-most). Timings are medians over --repeats runs; overheads and speed-ups are medians of the ratios of
-runs made one after the other.
+Tokenizers: Qwen2 (151,936 logits) and Llama-2 from ../shared/tokenizers (or $UNITE_EXT_TOKENIZERS) when
+present, else (or with --tokenizers trained) two tokenizers trained here (byte-level and SentencePiece BPE,
+2000 tokens at most). Timings are medians over --repeats runs; overheads and speed-ups are medians of the
+ratios of runs made one after the other.
 
     python bench/bench_decode.py [--device cpu|cuda] [--new-tokens 64 256 512] [--repeats 3]
                                  [--hidden-size 64] [--layers 2] [--threads N] [--tokenizers real|trained]
@@ -47,6 +47,7 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTra
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tiny model builders
 
+from shared_data import real_tokenizer_dir  # noqa: E402
 from tiny_models import tiny_causal_lm  # noqa: E402
 
 from unite_ext.decode import Ensemble  # noqa: E402
@@ -55,7 +56,6 @@ from unite_ext.tasks.gsm8k import Gsm8k, question_block  # noqa: E402
 from unite_ext.toy_tokenizers import SAMPLE_TEXTS, train_byte_level_bpe, train_sentencepiece_bpe  # noqa: E402
 from unite_ext.vocab import VocabTables  # noqa: E402
 
-SHARED_TOKENIZERS = REPO.parent / "shared" / "tokenizers"
 PROMPTS = {
     "gsm8k": Gsm8k().header()
     + question_block(
@@ -68,10 +68,11 @@ PROMPTS = {
 def load_tokenizers(kind: str) -> tuple[str, list[PreTrainedTokenizerBase], list[int]]:
     """(description, tokenizers, logits per model) for `kind` "real" (falls back to "trained" when the
     tokenizer files are absent) or "trained"."""
-    if kind == "real" and SHARED_TOKENIZERS.is_dir():
+    folder = real_tokenizer_dir()
+    if kind == "real" and folder.is_dir():
         from transformers import AutoTokenizer
 
-        toks = [AutoTokenizer.from_pretrained(SHARED_TOKENIZERS / name) for name in ("qwen2", "llama2")]
+        toks = [AutoTokenizer.from_pretrained(folder / name) for name in ("qwen2", "llama2")]
         return "qwen2+llama2", toks, [151936, len(toks[1])]
     texts = list(SAMPLE_TEXTS)
     toks = [train_byte_level_bpe(texts, vocab_size=2000), train_sentencepiece_bpe(texts, vocab_size=2000)]

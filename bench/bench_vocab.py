@@ -1,13 +1,15 @@
 """Figures for the cross-tokenizer tables: build time (cold and from the cache), size, canonical ids,
 vocabulary overlap and mid-text encoding speed, on the real Qwen2, Llama-3 and Mistral tokenizers.
 
-Usage: python bench/bench_vocab.py [--tokenizer-dir ../shared/tokenizers]
+Usage: python bench/bench_vocab.py [--tokenizer-dir DIR]  (default: ../shared/tokenizers, or
+$UNITE_EXT_TOKENIZERS when set)
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +17,11 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from unite_ext.vocab import VocabTables
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # where the tokenizer files are
+
+from shared_data import real_tokenizer_dir  # noqa: E402
+
+from unite_ext.vocab import VocabTables  # noqa: E402
 
 NAMES = ("qwen2", "llama3", "mistral")
 LOGITS = {"qwen2": 151936, "llama3": 128256, "mistral": 32000}  # config.vocab_size
@@ -44,8 +50,7 @@ def tensor_bytes(tables: VocabTables) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_dir = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
-    parser.add_argument("--tokenizer-dir", type=Path, default=default_dir)
+    parser.add_argument("--tokenizer-dir", type=Path, default=real_tokenizer_dir())
     args = parser.parse_args()
 
     start = time.perf_counter()

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # The CUDA path on a GPU machine, in one go: build, CUDA tests, compute-sanitizer, benchmarks, and a
 # summary table last. Run from the repository root; logs go to $OUT (default /tmp/unite_gpu_check).
-#   bash bench/gpu_check.sh
+#   bash bench/device_carry.sh        # here, first: the tokenizer files, into .device_carry/
+#   bash bench/gpu_check.sh           # there, with carry [".device_carry"]
 set -u
 OUT=${OUT:-/tmp/unite_gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# Without the real tokenizer files the decode tests that need them skip, and bench_decode.py falls back
+# to tokenizers trained on the spot.
+if [ -d .device_carry/tokenizers ]; then
+  export UNITE_EXT_TOKENIZERS=$PWD/.device_carry/tokenizers
+  echo "tokenizers: $UNITE_EXT_TOKENIZERS"
+else
+  echo "tokenizers: none carried (run bench/device_carry.sh here first); their tests will skip"
+fi
 PY=${PYTHON:-python3}
 rows=()
 
