@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Run here before the device call: ../shared does not travel to the device machine, so this copies the
-# real tokenizer files that the CUDA decode tests and bench_decode.py read into .device_carry/ (git-ignored,
-# about 10 MB). Then call the device with carry [".device_carry"] and `bash bench/gpu_check.sh`, which
-# points UNITE_EXT_TOKENIZERS there.
+# For a GPU machine that gets the repository but not ../shared: copies the real tokenizer files that the
+# CUDA decode tests and bench_decode.py read into .device_carry/ (git-ignored, about 10 MB). Send that
+# folder along with the repository; bench/gpu_check.sh points UNITE_EXT_TOKENIZERS at it.
 set -eu
 cd "$(dirname "$0")/.."
 source=../shared/tokenizers

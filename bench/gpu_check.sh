@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA path on a GPU machine, in one go: build, CUDA tests, compute-sanitizer, benchmarks, and a
 # summary table last. Run from the repository root; logs go to $OUT (default /tmp/unite_gpu_check).
-#   bash bench/device_carry.sh        # here, first: the tokenizer files, into .device_carry/
-#   bash bench/gpu_check.sh           # there, with carry [".device_carry"]
+#   bash bench/device_carry.sh        # beforehand, where ../shared is: tokenizer files into .device_carry/
+#   bash bench/gpu_check.sh           # on the GPU machine, with .device_carry/ sent along
 set -u
 OUT=${OUT:-/tmp/unite_gpu_check}
 mkdir -p "$OUT"
@@ -13,7 +13,7 @@ if [ -d .device_carry/tokenizers ]; then
   export UNITE_EXT_TOKENIZERS=$PWD/.device_carry/tokenizers
   echo "tokenizers: $UNITE_EXT_TOKENIZERS"
 else
-  echo "tokenizers: none carried (run bench/device_carry.sh here first); their tests will skip"
+  echo "tokenizers: no .device_carry/tokenizers (bench/device_carry.sh makes it); their tests will skip"
 fi
 PY=${PYTHON:-python3}
 rows=()
@@ -46,6 +46,9 @@ step decode_cuda_tests 150 "$PY" -m pytest tests/test_decode.py -q -k "cuda or d
 step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step bench_step 150 "$PY" bench/bench_step.py --device cuda --out "$OUT/bench_step.md"
+# Hardware counters of the step's kernels (some virtual machines refuse ncu the counters: then it fails alone).
+step ncu 150 ncu --clock-control none --kernel-name regex:"topk|union" --section SpeedOfLight \
+  --section LaunchStats --section Occupancy --section WarpStateStats "$PY" bench/gpu_exercise.py --profile
 if [ -f bench/bench_decode.py ] && [ -z "${SKIP_DECODE:-}" ]; then
   step bench_decode 120 "$PY" bench/bench_decode.py --device cuda
 fi

@@ -1,6 +1,8 @@
 """Calls every CUDA op of unite_ext at a few sizes and checks each against the CPU op.
 
 Short on purpose: compute-sanitizer (memcheck, racecheck) runs it. Exits non-zero on a mismatch.
+With --profile it only runs the benchmark's target steps once each (N = 2, Qwen2 + Llama-3
+vocabularies, k = 10, bf16, B = 1 and 64: four kernel launches apiece), for `ncu` to read.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import sys
 import torch
 
 import unite_ext
+from unite_ext.benchmark import MODEL_VOCAB_SIZES, NUM_CANONICAL, synthetic_logits, synthetic_tables
 
 # (vocabulary sizes, batch, k, dtype): odd sizes exercise unaligned rows, k > V empty slots, k > 32
 # the two-slot warp lists.
@@ -74,5 +77,17 @@ def main() -> int:
     return 1 if failures else 0
 
 
+def profile() -> int:
+    generator = torch.Generator().manual_seed(0)
+    vocab_sizes = MODEL_VOCAB_SIZES[:2]
+    to_canon, from_canon = synthetic_tables(vocab_sizes, NUM_CANONICAL, generator)
+    tables = ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon])
+    for batch in (1, 64):
+        logits = synthetic_logits(batch, vocab_sizes, torch.bfloat16, torch.device("cuda"), generator)
+        unite_ext.ensemble_step(logits, tables, k=10)
+    torch.cuda.synchronize()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(profile() if sys.argv[1:] == ["--profile"] else main())

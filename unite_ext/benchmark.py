@@ -1,4 +1,5 @@
-"""Micro-benchmark of one ensemble step: the compiled op against the pure-PyTorch reference.
+"""Micro-benchmark of one ensemble step: the compiled op against the pure-PyTorch reference, and the
+op's two stages timed apart.
 
 Run it as ``unite bench`` or ``python bench/bench_step.py`` (same options). Inputs are synthetic but
 shaped like real ones: vocabularies of Qwen2 (151936), Llama-3 (128256) and Mistral (32768), a canonical
@@ -18,7 +19,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import reference
-from .step import ensemble_step
+from .step import ensemble_step, topk_stats, union_average
 
 # Qwen2, Llama-3 and Mistral: an N-model benchmark uses the first N.
 MODEL_VOCAB_SIZES = (151936, 128256, 32768)
@@ -131,10 +132,17 @@ class GraphCaptureFailed:
 def step_variants(
     logits: list[Tensor], tables: tuple[list[Tensor], list[Tensor]], k: int
 ) -> dict[str, Callable[[], object] | GraphCaptureFailed]:
-    """Greedy steps to time: fused op and reference, plus their CUDA-graph replays on CUDA."""
+    """Greedy steps to time: fused op and reference, plus their CUDA-graph replays on CUDA.
+
+    Also the fused op's two stages on their own (where its time goes): "top-k" is `topk_stats` on every
+    model (reading every logit), "union" is `union_average` on the top-k results.
+    """
+    topk = [topk_stats(x, to_canon, k) for x, to_canon in zip(logits, tables[0], strict=True)]
     eager: dict[str, Callable[[], object]] = {
         "fused": lambda: ensemble_step(logits, tables, k=k),
         "reference": lambda: reference.ensemble_step(logits, tables, k=k),
+        "top-k": lambda: [topk_stats(x, to_canon, k) for x, to_canon in zip(logits, tables[0], strict=True)],
+        "union": lambda: union_average(logits, tables, topk),
     }
     variants: dict[str, Callable[[], object] | GraphCaptureFailed] = dict(eager)
     if logits[0].device.type == "cuda":
