@@ -121,11 +121,12 @@ def ensemble_step_across_devices(
             f"tables has {len(tables)} entries but there are {len(logits)} models: one per model"
         )
     pairs = [_tables_pair(t) for t in tables]
-    device, batch = logits[0].device, logits[0].shape[0]
+    first = logits[0]
+    batch = first.shape[0] if isinstance(first, Tensor) and first.dim() == 2 else None
     for i, (x, (to_canon, from_canon)) in enumerate(zip(logits, pairs, strict=True)):
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != batch:
             raise ValueError(
-                f"logits[{i}] must be a [B, V] tensor with logits[0]'s batch size {batch}, "
+                f"logits[{i}] must be a [B, V] tensor with the batch size of logits[0] (a [B, V] tensor), "
                 f"got shape {getattr(x, 'shape', None)}"
             )
         if to_canon[i].device != x.device or from_canon[i].device != x.device:
@@ -133,6 +134,7 @@ def ensemble_step_across_devices(
                 f"tables[{i}] are on {from_canon[i].device} but logits[{i}] is on {x.device}: "
                 "give each model the tables on its logits' device (tables.to(device))"
             )
+    device = first.device
     stats = [
         topk_stats(x, to_canon[i], k) for i, (x, (to_canon, _)) in enumerate(zip(logits, pairs, strict=True))
     ]
