@@ -594,8 +594,9 @@ def test_stages_compose_to_the_fused_op(dtype: torch.dtype, device: str) -> None
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_step_across_devices_equals_the_fused_op(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every model but the first takes the other-device path (stand-in logits filled from its candidates'
-    tokens), on one CPU: exactly ensemble_step's outputs, NaN/+inf rows, k > V and ties included."""
-    for case, _ in random_cases(dtype):
+    tokens), on one CPU: the float64 oracle's step, and exactly ensemble_step's outputs; NaN/+inf rows,
+    k > V and ties included."""
+    for case, expected in random_cases(dtype):
         tables = case.tables("cpu")
         first = case.logits[0]
         monkeypatch.setattr(unite_ext.step, "_enters_whole", lambda x, device, first=first: x is first)
@@ -607,6 +608,7 @@ def test_step_across_devices_equals_the_fused_op(dtype: torch.dtype, monkeypatch
             uniforms=case.uniforms,
         )
         staged = unite_ext.ensemble_step_across_devices(case.logits, [tables] * len(case.logits), **options)
+        assert_matches(staged, case, expected, "across devices")
         fused = unite_ext.ensemble_step(case.logits, tables, **options)
         for name in EnsembleStep._fields:
             assert torch.equal(getattr(staged, name), getattr(fused, name)), f"{name}: {case.description}"
@@ -635,7 +637,7 @@ def test_step_across_cpu_and_cuda(first_device: str) -> None:
         assert_steps_agree(EnsembleStep(*(t.cpu() for t in got)), want, expected, case.description)
 
 
-def test_step_across_devices_refuses_misplaced_tables() -> None:
+def test_step_across_devices_refuses_bad_arguments() -> None:
     logits, tables = _valid_inputs()
     with pytest.raises(ValueError, match="batch size"):
         unite_ext.ensemble_step_across_devices([logits[0], logits[1][:1]], [tables, tables])

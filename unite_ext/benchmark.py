@@ -137,11 +137,15 @@ def step_variants(
     Also the fused op's two stages on their own (where its time goes): "top-k" is `topk_stats` on every
     model (reading every logit), "union" is `union_average` on the top-k results.
     """
-    topk = [topk_stats(x, to_canon, k) for x, to_canon in zip(logits, tables[0], strict=True)]
+
+    def every_topk() -> list[tuple[Tensor, Tensor, Tensor]]:
+        return [topk_stats(x, to_canon, k) for x, to_canon in zip(logits, tables[0], strict=True)]
+
+    topk = every_topk()
     eager: dict[str, Callable[[], object]] = {
         "fused": lambda: ensemble_step(logits, tables, k=k),
         "reference": lambda: reference.ensemble_step(logits, tables, k=k),
-        "top-k": lambda: [topk_stats(x, to_canon, k) for x, to_canon in zip(logits, tables[0], strict=True)],
+        "top-k": every_topk,
         "union": lambda: union_average(logits, tables, topk),
     }
     variants: dict[str, Callable[[], object] | GraphCaptureFailed] = dict(eager)
