@@ -16,12 +16,22 @@ else
   echo "tokenizers: no .device_carry/tokenizers (bench/device_carry.sh makes it); their tests will skip"
 fi
 PY=${PYTHON:-python3}
+# Seconds the whole check may take: a step that would start too late is skipped and the summary still
+# printed (the device tool stops a call at 600 s). Steps run in order of importance.
+BUDGET=${GPU_CHECK_BUDGET:-570}
 rows=()
 
 # step NAME TIMEOUT COMMAND...: runs COMMAND with its output in $OUT/NAME.log and records the outcome.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    rows+=("| $name | skipped (GPU_CHECK_BUDGET=$BUDGET s spent) | 0 s |")
+    echo "== $name: skipped"
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
@@ -41,15 +51,25 @@ step build 240 env MAX_JOBS=16 "${compilers[@]}" "$PY" -m pip install --no-build
   printf '%s\n' "${rows[@]}"
   exit 1
 }
+# The CUDA tests (test_cuda_warp_lists_agree runs both warp lists; the rest the default one).
 step cuda_tests 200 "$PY" -m pytest tests/test_step.py -q --maxfail=15 -p no:cacheprovider
-step decode_cuda_tests 150 "$PY" -m pytest tests/test_decode.py -q -k "cuda or devices" -p no:cacheprovider
-step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
-step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+# The targets first (N = 2, bf16, B = 1 and 64; both warp lists side by side), then the sanitizers.
+step bench_target 90 "$PY" bench/bench_step.py --device cuda --models 2 --dtypes bfloat16 --batch-sizes 1,64 \
+  --cuda-topk bitonic --out "$OUT/bench_target.md"
+step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step racecheck_bitonic 120 env UNITE_EXT_CUDA_TOPK=bitonic \
+  compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step memcheck_bitonic 120 env UNITE_EXT_CUDA_TOPK=bitonic \
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step cuda_tests_bitonic 150 env UNITE_EXT_CUDA_TOPK=bitonic \
+  "$PY" -m pytest tests/test_step.py -q -k cuda --maxfail=15 -p no:cacheprovider
 step bench_step 150 "$PY" bench/bench_step.py --device cuda --out "$OUT/bench_step.md"
 # Hardware counters of the step's kernels (some virtual machines refuse ncu the counters: then it fails alone).
 step ncu 150 ncu --clock-control none --kernel-name regex:"topk|union" --section SpeedOfLight \
   --section LaunchStats --section Occupancy --section WarpStateStats "$PY" bench/gpu_exercise.py --profile
 if [ -f bench/bench_decode.py ] && [ -z "${SKIP_DECODE:-}" ]; then
+  step decode_cuda_tests 150 "$PY" -m pytest tests/test_decode.py -q -k "cuda or devices" -p no:cacheprovider
   step bench_decode 120 "$PY" bench/bench_decode.py --device cuda
 fi
 
@@ -58,5 +78,7 @@ echo "## GPU check on $card ($(date -u +%Y-%m-%d))"
 echo "| step | result | time |"
 echo "| --- | --- | --- |"
 printf '%s\n' "${rows[@]}"
-grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" 2>/dev/null
-[ -f "$OUT/bench_step.md" ] && cat "$OUT/bench_step.md"
+grep -H -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck*.log "$OUT"/racecheck*.log 2>/dev/null
+for table in "$OUT/bench_target.md" "$OUT/bench_step.md"; do
+  [ -f "$table" ] && cat "$table"
+done

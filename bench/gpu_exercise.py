@@ -2,7 +2,8 @@
 
 Short on purpose: compute-sanitizer (memcheck, racecheck) runs it. Exits non-zero on a mismatch.
 With --profile it only runs the benchmark's target steps once each (N = 2, Qwen2 + Llama-3
-vocabularies, k = 10, bf16, B = 1 and 64: four kernel launches apiece), for `ncu` to read.
+vocabularies, k = 10, bf16, B = 1 and 64: four kernel launches apiece), with each CUDA warp list, for
+`ncu` to read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import sys
 import torch
 
 import unite_ext
-from unite_ext.benchmark import MODEL_VOCAB_SIZES, NUM_CANONICAL, synthetic_logits, synthetic_tables
+from unite_ext.benchmark import (
+    CUDA_TOPK_LISTS,
+    MODEL_VOCAB_SIZES,
+    NUM_CANONICAL,
+    cuda_topk_list,
+    synthetic_logits,
+    synthetic_tables,
+)
 
 # (vocabulary sizes, batch, k, dtype): odd sizes exercise unaligned rows, k > V empty slots, k > 32
 # the two-slot warp lists.
@@ -84,7 +92,9 @@ def profile() -> int:
     tables = ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon])
     for batch in (1, 64):
         logits = synthetic_logits(batch, vocab_sizes, torch.bfloat16, torch.device("cuda"), generator)
-        unite_ext.ensemble_step(logits, tables, k=10)
+        for warp_list in CUDA_TOPK_LISTS:  # the kernels' names say which list they ran with
+            with cuda_topk_list(warp_list):
+                unite_ext.ensemble_step(logits, tables, k=10)
     torch.cuda.synchronize()
     return 0
 

@@ -5,33 +5,28 @@
 //                         running top-k (warp-wide sorted lists) and the chunk's max and sum of exponentials;
 //   topk_finalize_kernel  one block per (row, model) merges the chunks' lists and statistics;
 //   union_average_kernel  one block per row: union, gather, renormalise, average, choose.
-// Splitting each row over several blocks keeps the GPU busy when the batch is small.
+// Splitting each row over several blocks keeps the GPU busy when the batch is small. The two top-k
+// kernels live in topk_cuda.cuh; this file launches them.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <climits>
+#include <cstdlib>
+#include <string>
 
 #include "ops.h"
 #include "step_common.h"
+#include "topk_cuda.cuh"
 
 namespace unite_ext {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMinChunk = 4096;      // elements per block at least, so each thread streams a few vectors
 constexpr int kBlocksPerSm = 4;          // enough blocks in flight to saturate memory bandwidth
-constexpr int kEmptyId = INT_MAX;        // id of an empty top-k slot (ranks after every real token)
 
 enum class LogitType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 struct ModelView {
   const void* logits;
@@ -47,309 +42,6 @@ __device__ __forceinline__ float load_logit(const ModelView& m, int64_t b, int64
     case LogitType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(m.logits)[offset]);
     case LogitType::kHalf: return to_float(static_cast<const __half*>(m.logits)[offset]);
     default: return static_cast<const float*>(m.logits)[offset];
-  }
-}
-
-// Running (max, sum of exp(x - max)) with -inf as the empty state.
-struct SoftmaxStats {
-  float max = -INFINITY;
-  float sum = 0.0f;
-
-  __device__ __forceinline__ void add(float v) {
-    if (v == -INFINITY || v != v) return;  // no mass; NaN rows are flagged separately
-    if (v > max) {
-      sum = sum * __expf(max - v) + 1.0f;
-      max = v;
-    } else {
-      sum += __expf(v - max);
-    }
-  }
-
-  __device__ __forceinline__ void merge(float other_max, float other_sum) {
-    if (other_max == -INFINITY) return;
-    if (max == -INFINITY) {
-      max = other_max;
-      sum = other_sum;
-      return;
-    }
-    const float m = fmaxf(max, other_max);
-    sum = sum * __expf(max - m) + other_sum * __expf(other_max - m);
-    max = m;
-  }
-};
-
-// A warp's top-k list, sorted by ranks_before over positions s * 32 + lane. Every lane holds the
-// k-th entry as the admission threshold, so most candidates are rejected without communication.
-template <int kSlots>
-struct WarpTopk {
-  float value[kSlots];
-  int32_t id[kSlots];
-  float threshold_value;
-  int32_t threshold_id;
-  int k;
-
-  __device__ __forceinline__ void init(int k_) {
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      value[s] = -INFINITY;
-      id[s] = kEmptyId;
-    }
-    threshold_value = -INFINITY;
-    threshold_id = kEmptyId;
-    k = k_;
-  }
-
-  __device__ __forceinline__ bool admits(float v, int32_t t) const {
-    return ranks_before(v, t, threshold_value, threshold_id);
-  }
-
-  // Inserts, one after another, the candidates of the lanes where `active` is set. Warp-uniform control.
-  __device__ __forceinline__ void offer(bool active, float v, int32_t t) {
-    const int lane = threadIdx.x & 31;
-    unsigned pending = __ballot_sync(kFullMask, active);
-    while (pending) {
-      const int src = __ffs(pending) - 1;
-      pending &= pending - 1;
-      const float cv = __shfl_sync(kFullMask, v, src);
-      const int32_t ct = __shfl_sync(kFullMask, t, src);
-      if (!admits(cv, ct)) continue;
-      int pos = 0;
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s) pos += __popc(__ballot_sync(kFullMask, ranks_before(value[s], id[s], cv, ct)));
-#pragma unroll
-      for (int s = kSlots - 1; s >= 0; --s) {
-        float up_value = __shfl_up_sync(kFullMask, value[s], 1);
-        int32_t up_id = __shfl_up_sync(kFullMask, id[s], 1);
-        if (s > 0) {
-          const float carry_value = __shfl_sync(kFullMask, value[s > 0 ? s - 1 : 0], 31);
-          const int32_t carry_id = __shfl_sync(kFullMask, id[s > 0 ? s - 1 : 0], 31);
-          if (lane == 0) {
-            up_value = carry_value;
-            up_id = carry_id;
-          }
-        }
-        const int p = s * 32 + lane;
-        if (p > pos) {
-          value[s] = up_value;
-          id[s] = up_id;
-        } else if (p == pos) {
-          value[s] = cv;
-          id[s] = ct;
-        }
-      }
-      const int last = k - 1;
-      float kth_value = value[0];
-      int32_t kth_id = id[0];
-#pragma unroll
-      for (int s = 1; s < kSlots; ++s) {
-        if (s == (last >> 5)) {
-          kth_value = value[s];
-          kth_id = id[s];
-        }
-      }
-      threshold_value = __shfl_sync(kFullMask, kth_value, last & 31);
-      threshold_id = __shfl_sync(kFullMask, kth_id, last & 31);
-    }
-  }
-};
-
-struct BlockScratch {
-  float value[kWarps][kMaxK];
-  int32_t id[kWarps][kMaxK];
-  float max[kWarps];
-  float sum[kWarps];
-  int bad[kWarps];
-};
-
-// Merges every warp's list and statistics into warp 0 (its `top` and `stats`; `bad` in all threads).
-template <int kSlots>
-__device__ void block_merge(WarpTopk<kSlots>& top, SoftmaxStats& stats, bool& bad, BlockScratch& scratch) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other_max = __shfl_xor_sync(kFullMask, stats.max, offset);
-    const float other_sum = __shfl_xor_sync(kFullMask, stats.sum, offset);
-    stats.merge(other_max, other_sum);
-  }
-  const bool warp_bad = __any_sync(kFullMask, bad);
-#pragma unroll
-  for (int s = 0; s < kSlots; ++s) {
-    const int p = s * 32 + lane;
-    if (p < top.k) {
-      scratch.value[warp][p] = top.value[s];
-      scratch.id[warp][p] = top.id[s];
-    }
-  }
-  if (lane == 0) {
-    scratch.max[warp] = stats.max;
-    scratch.sum[warp] = stats.sum;
-    scratch.bad[warp] = warp_bad;
-  }
-  __syncthreads();
-  bad = false;
-  for (int w = 0; w < kWarps; ++w) bad |= scratch.bad[w] != 0;
-  if (warp == 0) {
-    for (int w = 1; w < kWarps; ++w) {
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s) {
-        const int p = s * 32 + lane;
-        const float v = p < top.k ? scratch.value[w][p] : -INFINITY;
-        const int32_t t = p < top.k ? scratch.id[w][p] : kEmptyId;
-        top.offer(v > -INFINITY && top.admits(v, t), v, t);
-      }
-      if (lane == 0) stats.merge(scratch.max[w], scratch.sum[w]);
-    }
-  }
-}
-
-// Partial results of one model: per (row, chunk) a top-k list and softmax statistics.
-struct PartialView {
-  float* value;   // [B, chunks, k]
-  int32_t* id;    // [B, chunks, k]
-  float* max;     // [B, chunks]
-  float* sum;     // [B, chunks]
-  int32_t* bad;   // [B, chunks]
-  int chunks;
-};
-
-template <typename T, int kSlots>
-__global__ void __launch_bounds__(kThreads)
-    topk_partial_kernel(const T* __restrict__ logits, int64_t vocab, const int32_t* __restrict__ to_canon, int k,
-                        int64_t chunk_elems, PartialView out) {
-  constexpr int kVec = 16 / sizeof(T);
-  __shared__ BlockScratch scratch;
-  const int b = blockIdx.y, chunk = blockIdx.x;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const T* row = logits + static_cast<int64_t>(b) * vocab;
-  const int64_t lo = chunk * chunk_elems;
-  const int64_t hi = min(vocab, lo + chunk_elems);
-
-  WarpTopk<kSlots> top;
-  top.init(k);
-  SoftmaxStats stats;
-  bool bad = false;
-
-  // One element per lane; `t < 0` marks an idle lane.
-  auto consume_one = [&](float v, int64_t t) {
-    bad |= (v != v) || (v == INFINITY);
-    stats.add(v);
-    const bool candidate = t >= 0 && v > -INFINITY && v < INFINITY && top.admits(v, static_cast<int32_t>(t)) &&
-                           to_canon[t] >= 0;
-    top.offer(candidate, v, static_cast<int32_t>(t));
-  };
-
-  // The unaligned head and tail of the chunk (fewer than kVec elements each) go to warp 0.
-  const uintptr_t address = reinterpret_cast<uintptr_t>(row + lo);
-  const int64_t head = min(hi - lo, static_cast<int64_t>(((16 - address % 16) % 16) / sizeof(T)));
-  const int64_t body_begin = lo + head;
-  const int64_t body_end = body_begin + (hi - body_begin) / kVec * kVec;
-  if (warp == 0) {
-    const int64_t t = lo + lane;
-    const bool in_head = lane < head;
-    consume_one(in_head ? to_float(row[in_head ? t : lo]) : -INFINITY, in_head ? t : -1);
-    const int64_t tail_t = body_end + lane;
-    const bool in_tail = tail_t < hi && lane < kVec;
-    consume_one(in_tail ? to_float(row[in_tail ? tail_t : lo]) : -INFINITY, in_tail ? tail_t : -1);
-  }
-
-  union Vector {
-    uint4 raw;
-    T elem[kVec];
-  };
-  const int64_t stride = static_cast<int64_t>(kThreads) * kVec;
-  for (int64_t base = body_begin + static_cast<int64_t>(warp) * 32 * kVec; base < body_end; base += stride) {
-    const int64_t first = base + lane * kVec;
-    const bool in_range = first < body_end;
-    Vector vec;
-    if (in_range) vec.raw = __ldcs(reinterpret_cast<const uint4*>(row + first));
-    float v[kVec];
-    bool any_candidate = false;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      v[j] = in_range ? to_float(vec.elem[j]) : -INFINITY;
-      bad |= (v[j] != v[j]) || (v[j] == INFINITY);
-      stats.add(v[j]);
-      any_candidate |= v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], static_cast<int32_t>(first + j));
-    }
-    if (__any_sync(kFullMask, any_candidate)) {
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const int32_t t = static_cast<int32_t>(first + j);
-        const bool candidate = v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], t) && to_canon[t] >= 0;
-        top.offer(candidate, v[j], t);
-      }
-    }
-  }
-
-  block_merge(top, stats, bad, scratch);
-  if (warp == 0) {
-    const int64_t slot = static_cast<int64_t>(b) * out.chunks + chunk;
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      const int p = s * 32 + lane;
-      if (p < k) {
-        out.value[slot * k + p] = top.value[s];
-        out.id[slot * k + p] = top.id[s];
-      }
-    }
-    if (lane == 0) {
-      out.max[slot] = stats.max;
-      out.sum[slot] = stats.sum;
-      out.bad[slot] = bad;
-    }
-  }
-}
-
-struct TopkView {
-  int64_t* ids;     // [B, k], -1 padded
-  float* logits;    // [B, k], -inf padded
-  float* top1;      // [B]
-};
-
-struct FinalizeArgs {
-  PartialView partial[kMaxModels];
-  TopkView out[kMaxModels];
-};
-
-// One block per (row, model): merges the chunks of that row.
-template <int kSlots>
-__global__ void __launch_bounds__(kThreads) topk_finalize_kernel(FinalizeArgs args, int k) {
-  __shared__ BlockScratch scratch;
-  const int b = blockIdx.x, model = blockIdx.y;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const PartialView part = args.partial[model];
-  const int64_t first_slot = static_cast<int64_t>(b) * part.chunks;
-
-  WarpTopk<kSlots> top;
-  top.init(k);
-  SoftmaxStats stats;
-  bool bad = false;
-  for (int c = threadIdx.x; c < part.chunks; c += kThreads) {
-    stats.merge(part.max[first_slot + c], part.sum[first_slot + c]);
-    bad |= part.bad[first_slot + c] != 0;
-  }
-  const int count = part.chunks * k;
-  for (int base = warp * 32; base < count; base += kThreads) {
-    const int e = base + lane;
-    const float v = e < count ? part.value[first_slot * k + e] : -INFINITY;
-    const int32_t t = e < count ? part.id[first_slot * k + e] : kEmptyId;
-    top.offer(v > -INFINITY && top.admits(v, t), v, t);
-  }
-  block_merge(top, stats, bad, scratch);
-  if (warp == 0) {
-    const TopkView out = args.out[model];
-    const float best = __shfl_sync(kFullMask, top.value[0], 0);
-    const bool usable = !bad && best > -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      const int p = s * 32 + lane;
-      if (p < k) {
-        const bool kept = usable && top.value[s] > -INFINITY;
-        out.ids[static_cast<int64_t>(b) * k + p] = kept ? top.id[s] : -1;
-        out.logits[static_cast<int64_t>(b) * k + p] = kept ? top.value[s] : -INFINITY;
-      }
-    }
-    if (lane == 0) out.top1[b] = usable ? expf(best - stats.max) / stats.sum : 0.0f;
   }
 }
 
@@ -522,20 +214,16 @@ LogitType logit_type(const at::Tensor& x) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename T>
+template <typename T, class List>
 void launch_partial(const at::Tensor& logits, const int32_t* to_canon, int64_t k, int64_t chunk_elems, dim3 grid,
                     PartialView part) {
-  const T* x = static_cast<const T*>(logits.const_data_ptr());
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  if (k <= 32) {
-    topk_partial_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x, logits.size(1), to_canon, k, chunk_elems, part);
-  } else {
-    topk_partial_kernel<T, 2><<<grid, kThreads, 0, stream>>>(x, logits.size(1), to_canon, k, chunk_elems, part);
-  }
+  topk_partial_kernel<T, List><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const T*>(logits.const_data_ptr()), logits.size(1), to_canon, k, chunk_elems, part);
 }
 
-// Runs steps 0-1 for several models: fills `out[i]` from `logits[i]`.
-void launch_topk(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
+// Runs steps 0-1 for several models with warp lists of type List: fills `out[i]` from `logits[i]`.
+template <class List>
+void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
                  const std::vector<TopkView>& out) {
   const int n = static_cast<int>(logits.size());
   const int64_t batch = logits[0].size(0);
@@ -566,19 +254,32 @@ void launch_topk(const std::vector<at::Tensor>& logits, const std::vector<at::Te
     const dim3 grid(static_cast<unsigned>(chunks[i]), static_cast<unsigned>(batch));
     const int32_t* tc = to_canon[i].const_data_ptr<int32_t>();
     switch (logit_type(logits[i])) {
-      case LogitType::kBFloat16: launch_partial<__nv_bfloat16>(logits[i], tc, k, chunk_elems, grid, part); break;
-      case LogitType::kHalf: launch_partial<__half>(logits[i], tc, k, chunk_elems, grid, part); break;
-      default: launch_partial<float>(logits[i], tc, k, chunk_elems, grid, part);
+      case LogitType::kBFloat16: launch_partial<__nv_bfloat16, List>(logits[i], tc, k, chunk_elems, grid, part); break;
+      case LogitType::kHalf: launch_partial<__half, List>(logits[i], tc, k, chunk_elems, grid, part); break;
+      default: launch_partial<float, List>(logits[i], tc, k, chunk_elems, grid, part);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(n));
-  if (k <= 32) {
-    topk_finalize_kernel<1><<<grid, kThreads, 0, stream>>>(args, static_cast<int>(k));
-  } else {
-    topk_finalize_kernel<2><<<grid, kThreads, 0, stream>>>(args, static_cast<int>(k));
-  }
+  topk_finalize_kernel<List><<<grid, kThreads, 0, stream>>>(args, static_cast<int>(k));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs steps 0-1 for several models: fills `out[i]` from `logits[i]`. The warp list is read from
+// UNITE_EXT_CUDA_TOPK at every call ("insertion", the default, or "bitonic"); both give the same results.
+void launch_topk(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
+                 const std::vector<TopkView>& out) {
+  const char* variable = std::getenv("UNITE_EXT_CUDA_TOPK");
+  const std::string list = variable == nullptr || *variable == '\0' ? "insertion" : variable;
+  TORCH_CHECK(list == "insertion" || list == "bitonic",
+              "unite_ext: UNITE_EXT_CUDA_TOPK must be 'insertion' or 'bitonic', got '", list, "'");
+  if (list == "bitonic") {
+    k <= 32 ? launch_topk_with<BitonicWarpList<1>>(logits, to_canon, k, out)
+            : launch_topk_with<BitonicWarpList<2>>(logits, to_canon, k, out);
+  } else {
+    k <= 32 ? launch_topk_with<InsertionWarpList<1>>(logits, to_canon, k, out)
+            : launch_topk_with<InsertionWarpList<2>>(logits, to_canon, k, out);
+  }
 }
 
 std::vector<at::Tensor> contiguous(at::TensorList list) {

@@ -1,0 +1,481 @@
+// Device code of the CUDA top-k stage (steps 0-1 of SPEC.md section 2): the warp lists, the block
+// merge and the two top-k kernels. A header of its own so that tests/cuda_emulation can also run it on
+// the CPU, under a warp emulator, where no GPU is present.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#include "step_common.h"
+
+namespace unite_ext {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kEmptyId = INT_MAX;  // id of an empty top-k slot (ranks after every real token)
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+#ifdef __CUDACC__
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+#endif
+
+// Running (max, sum of exp(x - max)) with -inf as the empty state.
+struct SoftmaxStats {
+  float max = -INFINITY;
+  float sum = 0.0f;
+
+  __device__ __forceinline__ void add(float v) {
+    if (v == -INFINITY || v != v) return;  // no mass; NaN rows are flagged separately
+    if (v > max) {
+      sum = sum * __expf(max - v) + 1.0f;
+      max = v;
+    } else {
+      sum += __expf(v - max);
+    }
+  }
+
+  __device__ __forceinline__ void merge(float other_max, float other_sum) {
+    if (other_max == -INFINITY) return;
+    if (max == -INFINITY) {
+      max = other_max;
+      sum = other_sum;
+      return;
+    }
+    const float m = fmaxf(max, other_max);
+    sum = sum * __expf(max - m) + other_sum * __expf(other_max - m);
+    max = m;
+  }
+};
+
+// A warp's top-k list, sorted by ranks_before over positions s * 32 + lane (lane 0 of slot 0 the best).
+// Every lane holds the k-th entry as the admission threshold, so most candidates are rejected without
+// communication. Two ways to take in the admitted candidates, chosen at launch (UNITE_EXT_CUDA_TOPK):
+//   InsertionWarpList  inserts them one after another (one round of shuffles per candidate);
+//   BitonicWarpList    gathers 32 in shared memory, sorts them with a bitonic network and merges them in.
+// Both expose: init, admits, push (warp-collective; `active` lanes offer (v, t)), merge_sorted (a batch
+// sorted best first across the lanes, e.g. a slot of another list), finish (takes in what is pending).
+template <int kSlots>
+struct WarpListBase {
+  static_assert(kSlots == 1 || kSlots == 2, "k is at most 64");
+  static constexpr int slots = kSlots;
+  float value[kSlots];
+  int32_t id[kSlots];
+  float threshold_value;
+  int32_t threshold_id;
+  int k;
+
+  __device__ __forceinline__ void init_list(int k_) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      value[s] = -INFINITY;
+      id[s] = kEmptyId;
+    }
+    threshold_value = -INFINITY;
+    threshold_id = kEmptyId;
+    k = k_;
+  }
+
+  __device__ __forceinline__ bool admits(float v, int32_t t) const {
+    return ranks_before(v, t, threshold_value, threshold_id);
+  }
+
+  __device__ __forceinline__ void update_threshold() {
+    const int last = k - 1;
+    // Selects, not a loop over the slots: a loop here kept the list out of registers (a stack frame).
+    const bool in_second = kSlots == 2 && last >= 32;
+    const float kth_value = in_second ? value[kSlots - 1] : value[0];
+    const int32_t kth_id = in_second ? id[kSlots - 1] : id[0];
+    threshold_value = __shfl_sync(kFullMask, kth_value, last & 31);
+    threshold_id = __shfl_sync(kFullMask, kth_id, last & 31);
+  }
+};
+
+template <int kSlots>
+struct InsertionWarpList : WarpListBase<kSlots> {
+  using WarpListBase<kSlots>::value;
+  using WarpListBase<kSlots>::id;
+
+  __device__ __forceinline__ void init(int k_, float*, int32_t*) { this->init_list(k_); }
+
+  // Inserts, one after another, the candidates of the lanes where `active` is set. Warp-uniform control.
+  __device__ __forceinline__ void push(bool active, float v, int32_t t) {
+    const int lane = threadIdx.x & 31;
+    unsigned pending = __ballot_sync(kFullMask, active);
+    while (pending) {
+      const int src = __ffs(pending) - 1;
+      pending &= pending - 1;
+      const float cv = __shfl_sync(kFullMask, v, src);
+      const int32_t ct = __shfl_sync(kFullMask, t, src);
+      if (!this->admits(cv, ct)) continue;
+      int pos = 0;
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) pos += __popc(__ballot_sync(kFullMask, ranks_before(value[s], id[s], cv, ct)));
+#pragma unroll
+      for (int s = kSlots - 1; s >= 0; --s) {
+        float up_value = __shfl_up_sync(kFullMask, value[s], 1);
+        int32_t up_id = __shfl_up_sync(kFullMask, id[s], 1);
+        if (s > 0) {
+          const float carry_value = __shfl_sync(kFullMask, value[s > 0 ? s - 1 : 0], 31);
+          const int32_t carry_id = __shfl_sync(kFullMask, id[s > 0 ? s - 1 : 0], 31);
+          if (lane == 0) {
+            up_value = carry_value;
+            up_id = carry_id;
+          }
+        }
+        const int p = s * 32 + lane;
+        if (p > pos) {
+          value[s] = up_value;
+          id[s] = up_id;
+        } else if (p == pos) {
+          value[s] = cv;
+          id[s] = ct;
+        }
+      }
+      this->update_threshold();
+    }
+  }
+
+  __device__ __forceinline__ void merge_sorted(float v, int32_t t) { push(v > -INFINITY && this->admits(v, t), v, t); }
+
+  __device__ __forceinline__ void finish() {}
+};
+
+// Exchanges entries with lane ^ mask; keeps the better of the two where keep_better is set, else the worse.
+__device__ __forceinline__ void exchange(float& v, int32_t& t, int mask, bool keep_better) {
+  const float other_v = __shfl_xor_sync(kFullMask, v, mask);
+  const int32_t other_t = __shfl_xor_sync(kFullMask, t, mask);
+  if (ranks_before(other_v, other_t, v, t) == keep_better) {
+    v = other_v;
+    t = other_t;
+  }
+}
+
+// Sorts a bitonic sequence held one entry per lane, best first.
+__device__ __forceinline__ void bitonic_merge(float& v, int32_t& t) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) exchange(v, t, mask, (lane & mask) == 0);
+}
+
+// Sorts any 32 entries held one per lane, best first: runs of `size` alternate direction until the last.
+__device__ __forceinline__ void bitonic_sort(float& v, int32_t& t) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int mask = size >> 1; mask > 0; mask >>= 1) {
+      exchange(v, t, mask, ((lane & mask) == 0) == ((lane & size) == 0));
+    }
+  }
+}
+
+template <int kSlots>
+struct BitonicWarpList : WarpListBase<kSlots> {
+  using WarpListBase<kSlots>::value;
+  using WarpListBase<kSlots>::id;
+  float* pending_value;  // this warp's 2 * 32 shared-memory slots for candidates not yet merged in
+  int32_t* pending_id;
+  int pending;  // warp-uniform
+
+  __device__ __forceinline__ void init(int k_, float* buffer_value, int32_t* buffer_id) {
+    this->init_list(k_);
+    pending_value = buffer_value;
+    pending_id = buffer_id;
+    pending = 0;
+  }
+
+  // Appends the active lanes' candidates; every 32 of them are sorted and merged in. Warp-uniform control.
+  __device__ __forceinline__ void push(bool active, float v, int32_t t) {
+    const int lane = threadIdx.x & 31;
+    const unsigned ballot = __ballot_sync(kFullMask, active);
+    if (ballot == 0) return;
+    if (active) {
+      const int slot = pending + __popc(ballot & ((1u << lane) - 1u));
+      pending_value[slot] = v;
+      pending_id[slot] = t;
+    }
+    pending += __popc(ballot);
+    if (pending < 32) return;
+    __syncwarp();
+    float bv = pending_value[lane];
+    int32_t bt = pending_id[lane];
+    pending -= 32;
+    const bool moves = lane < pending;
+    const float rest_v = moves ? pending_value[32 + lane] : 0.0f;
+    const int32_t rest_t = moves ? pending_id[32 + lane] : 0;
+    __syncwarp();
+    if (moves) {
+      pending_value[lane] = rest_v;
+      pending_id[lane] = rest_t;
+    }
+    __syncwarp();
+    bitonic_sort(bv, bt);
+    merge_sorted(bv, bt);
+  }
+
+  __device__ __forceinline__ void finish() {
+    if (pending == 0) return;
+    const int lane = threadIdx.x & 31;
+    __syncwarp();
+    float bv = lane < pending ? pending_value[lane] : -INFINITY;
+    int32_t bt = lane < pending ? pending_id[lane] : kEmptyId;
+    pending = 0;
+    __syncwarp();
+    bitonic_sort(bv, bt);
+    merge_sorted(bv, bt);
+  }
+
+  // The list's last slot against the batch reversed: the better of each pair are the best 32 of both, as
+  // a bitonic sequence. With two slots, the first against the (sorted) second reversed splits the 64 best
+  // into two bitonic halves, the better half first.
+  __device__ __forceinline__ void merge_sorted(float v, int32_t t) {
+    const int lane = threadIdx.x & 31;
+    constexpr int last = kSlots - 1;
+    const float reversed_v = __shfl_sync(kFullMask, v, 31 - lane);
+    const int32_t reversed_t = __shfl_sync(kFullMask, t, 31 - lane);
+    if (ranks_before(reversed_v, reversed_t, value[last], id[last])) {
+      value[last] = reversed_v;
+      id[last] = reversed_t;
+    }
+    bitonic_merge(value[last], id[last]);
+    if constexpr (kSlots == 2) {
+      const float second_v = __shfl_sync(kFullMask, value[1], 31 - lane);
+      const int32_t second_t = __shfl_sync(kFullMask, id[1], 31 - lane);
+      const bool second_first = ranks_before(second_v, second_t, value[0], id[0]);
+      value[1] = second_first ? value[0] : second_v;
+      id[1] = second_first ? id[0] : second_t;
+      value[0] = second_first ? second_v : value[0];
+      id[0] = second_first ? second_t : id[0];
+      bitonic_merge(value[0], id[0]);
+      bitonic_merge(value[1], id[1]);
+    }
+    this->update_threshold();
+  }
+};
+
+struct BlockScratch {
+  float value[kWarps][kMaxK];
+  int32_t id[kWarps][kMaxK];
+  float max[kWarps];
+  float sum[kWarps];
+  int bad[kWarps];
+  float pending_value[kWarps][64];  // BitonicWarpList's candidates waiting to be merged in
+  int32_t pending_id[kWarps][64];
+};
+
+template <class List>
+__device__ __forceinline__ void init_list(List& top, int k, BlockScratch& scratch) {
+  const int warp = threadIdx.x >> 5;
+  top.init(k, scratch.pending_value[warp], scratch.pending_id[warp]);
+}
+
+// Writes a warp's first k entries and statistics to its row of the scratch.
+template <class List>
+__device__ __forceinline__ void store_list(const List& top, const SoftmaxStats& stats, BlockScratch& scratch) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int s = 0; s < List::slots; ++s) {
+    const int p = s * 32 + lane;
+    if (p < top.k) {
+      scratch.value[warp][p] = top.value[s];
+      scratch.id[warp][p] = top.id[s];
+    }
+  }
+  if (lane == 0) {
+    scratch.max[warp] = stats.max;
+    scratch.sum[warp] = stats.sum;
+  }
+}
+
+// Merges every warp's list and statistics into warp 0 (its `top` and `stats`; `bad` in all threads),
+// pairwise in log2(kWarps) rounds.
+template <class List>
+__device__ void block_merge(List& top, SoftmaxStats& stats, bool& bad, BlockScratch& scratch) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  top.finish();
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other_max = __shfl_xor_sync(kFullMask, stats.max, offset);
+    const float other_sum = __shfl_xor_sync(kFullMask, stats.sum, offset);
+    stats.merge(other_max, other_sum);
+  }
+  const bool warp_bad = __any_sync(kFullMask, bad);
+  store_list(top, stats, scratch);
+  if (lane == 0) scratch.bad[warp] = warp_bad;
+  __syncthreads();
+  bad = false;
+  for (int w = 0; w < kWarps; ++w) bad |= scratch.bad[w] != 0;
+  for (int half = kWarps / 2; half > 0; half >>= 1) {
+    if (warp < half) {
+      const int other = warp + half;
+#pragma unroll
+      for (int s = 0; s < List::slots; ++s) {
+        const int p = s * 32 + lane;
+        top.merge_sorted(p < top.k ? scratch.value[other][p] : -INFINITY, p < top.k ? scratch.id[other][p] : kEmptyId);
+      }
+      stats.merge(scratch.max[other], scratch.sum[other]);
+      if (half > 1) store_list(top, stats, scratch);
+    }
+    __syncthreads();
+  }
+}
+
+// Partial results of one model: per (row, chunk) a top-k list and softmax statistics.
+struct PartialView {
+  float* value;   // [B, chunks, k]
+  int32_t* id;    // [B, chunks, k]
+  float* max;     // [B, chunks]
+  float* sum;     // [B, chunks]
+  int32_t* bad;   // [B, chunks]
+  int chunks;
+};
+
+template <typename T, class List>
+__global__ void __launch_bounds__(kThreads)
+    topk_partial_kernel(const T* __restrict__ logits, int64_t vocab, const int32_t* __restrict__ to_canon, int k,
+                        int64_t chunk_elems, PartialView out) {
+  constexpr int kVec = 16 / sizeof(T);
+  __shared__ BlockScratch scratch;
+  const int b = blockIdx.y, chunk = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* row = logits + static_cast<int64_t>(b) * vocab;
+  const int64_t lo = chunk * chunk_elems;
+  const int64_t hi = min(vocab, lo + chunk_elems);
+
+  List top;
+  init_list(top, k, scratch);
+  SoftmaxStats stats;
+  bool bad = false;
+
+  // One element per lane; `t < 0` marks an idle lane.
+  auto consume_one = [&](float v, int64_t t) {
+    bad |= (v != v) || (v == INFINITY);
+    stats.add(v);
+    const bool candidate = t >= 0 && v > -INFINITY && v < INFINITY && top.admits(v, static_cast<int32_t>(t)) &&
+                           to_canon[t] >= 0;
+    top.push(candidate, v, static_cast<int32_t>(t));
+  };
+
+  // The unaligned head and tail of the chunk (fewer than kVec elements each) go to warp 0.
+  const uintptr_t address = reinterpret_cast<uintptr_t>(row + lo);
+  const int64_t head = min(hi - lo, static_cast<int64_t>(((16 - address % 16) % 16) / sizeof(T)));
+  const int64_t body_begin = lo + head;
+  const int64_t body_end = body_begin + (hi - body_begin) / kVec * kVec;
+  if (warp == 0) {
+    const int64_t t = lo + lane;
+    const bool in_head = lane < head;
+    consume_one(in_head ? to_float(row[in_head ? t : lo]) : -INFINITY, in_head ? t : -1);
+    const int64_t tail_t = body_end + lane;
+    const bool in_tail = tail_t < hi && lane < kVec;
+    consume_one(in_tail ? to_float(row[in_tail ? tail_t : lo]) : -INFINITY, in_tail ? tail_t : -1);
+  }
+
+  union Vector {
+    uint4 raw;
+    T elem[kVec];
+  };
+  const int64_t stride = static_cast<int64_t>(kThreads) * kVec;
+  for (int64_t base = body_begin + static_cast<int64_t>(warp) * 32 * kVec; base < body_end; base += stride) {
+    const int64_t first = base + lane * kVec;
+    const bool in_range = first < body_end;
+    Vector vec;
+    if (in_range) vec.raw = __ldcs(reinterpret_cast<const uint4*>(row + first));
+    float v[kVec];
+    bool any_candidate = false;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      v[j] = in_range ? to_float(vec.elem[j]) : -INFINITY;
+      bad |= (v[j] != v[j]) || (v[j] == INFINITY);
+      stats.add(v[j]);
+      any_candidate |= v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], static_cast<int32_t>(first + j));
+    }
+    if (__any_sync(kFullMask, any_candidate)) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const int32_t t = static_cast<int32_t>(first + j);
+        const bool candidate = v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], t) && to_canon[t] >= 0;
+        top.push(candidate, v[j], t);
+      }
+    }
+  }
+
+  block_merge(top, stats, bad, scratch);
+  if (warp == 0) {
+    const int64_t slot = static_cast<int64_t>(b) * out.chunks + chunk;
+#pragma unroll
+    for (int s = 0; s < List::slots; ++s) {
+      const int p = s * 32 + lane;
+      if (p < k) {
+        out.value[slot * k + p] = top.value[s];
+        out.id[slot * k + p] = top.id[s];
+      }
+    }
+    if (lane == 0) {
+      out.max[slot] = stats.max;
+      out.sum[slot] = stats.sum;
+      out.bad[slot] = bad;
+    }
+  }
+}
+
+struct TopkView {
+  int64_t* ids;     // [B, k], -1 padded
+  float* logits;    // [B, k], -inf padded
+  float* top1;      // [B]
+};
+
+struct FinalizeArgs {
+  PartialView partial[kMaxModels];
+  TopkView out[kMaxModels];
+};
+
+// One block per (row, model): merges the chunks of that row.
+template <class List>
+__global__ void __launch_bounds__(kThreads) topk_finalize_kernel(FinalizeArgs args, int k) {
+  __shared__ BlockScratch scratch;
+  const int b = blockIdx.x, model = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const PartialView part = args.partial[model];
+  const int64_t first_slot = static_cast<int64_t>(b) * part.chunks;
+
+  List top;
+  init_list(top, k, scratch);
+  SoftmaxStats stats;
+  bool bad = false;
+  for (int c = threadIdx.x; c < part.chunks; c += kThreads) {
+    stats.merge(part.max[first_slot + c], part.sum[first_slot + c]);
+    bad |= part.bad[first_slot + c] != 0;
+  }
+  const int count = part.chunks * k;
+  for (int base = warp * 32; base < count; base += kThreads) {
+    const int e = base + lane;
+    const float v = e < count ? part.value[first_slot * k + e] : -INFINITY;
+    const int32_t t = e < count ? part.id[first_slot * k + e] : kEmptyId;
+    top.push(v > -INFINITY && top.admits(v, t), v, t);
+  }
+  block_merge(top, stats, bad, scratch);
+  if (warp == 0) {
+    const TopkView out = args.out[model];
+    const float best = __shfl_sync(kFullMask, top.value[0], 0);
+    const bool usable = !bad && best > -INFINITY;
+#pragma unroll
+    for (int s = 0; s < List::slots; ++s) {
+      const int p = s * 32 + lane;
+      if (p < k) {
+        const bool kept = usable && top.value[s] > -INFINITY;
+        out.ids[static_cast<int64_t>(b) * k + p] = kept ? top.id[s] : -1;
+        out.logits[static_cast<int64_t>(b) * k + p] = kept ? top.value[s] : -INFINITY;
+      }
+    }
+    if (lane == 0) out.top1[b] = usable ? expf(best - stats.max) / stats.sum : 0.0f;
+  }
+}
+
+}  // namespace unite_ext

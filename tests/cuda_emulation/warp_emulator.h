@@ -1,0 +1,168 @@
+// Runs CUDA device code on the CPU, one block at a time: each thread of the block is a fiber, and a warp
+// intrinsic (shuffle, ballot, __syncwarp) or __syncthreads switches fibers until every thread it involves
+// has arrived, so warp-synchronous code runs lane by lane and computes what it computes on a GPU. It checks
+// logic (ranks, ties, merges, indexing), not timing or the memory model: compute-sanitizer on a GPU does.
+// Include it before the device code: it defines the CUDA keywords and intrinsics that code uses.
+#pragma once
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};
+
+namespace emu {
+
+struct Fiber {
+  ucontext_t start;  // used once, to enter the fiber on its own stack
+  jmp_buf resume;    // where it yielded
+  bool started = false, done = false;
+  std::vector<char> stack;
+};
+
+inline std::vector<Fiber> fibers;
+inline jmp_buf scheduler;
+inline int current = 0;
+inline dim3 block_index;
+inline std::function<void()> kernel;
+
+// _setjmp/_longjmp rather than swapcontext: no signal-mask system call per switch (7x faster).
+inline void yield() {
+  if (!_setjmp(fibers[current].resume)) _longjmp(scheduler, 1);
+}
+
+struct Barrier {
+  int parties = 0, arrived = 0, generation = 0;
+  void wait() {
+    const int entered = generation;
+    if (++arrived == parties) {
+      arrived = 0;
+      ++generation;
+      return;
+    }
+    while (generation == entered) yield();
+  }
+};
+
+inline std::vector<Barrier> warp_barriers;
+inline Barrier block_barrier;
+inline std::vector<uint64_t> exchange;  // one slot per thread, for shuffles and ballots
+
+inline void enter() {
+  kernel();
+  fibers[current].done = true;
+  yield();
+}
+
+// Runs `body` as the block `index` of `threads` threads (a multiple of 32) and returns when all are done.
+inline void run_block(int threads, dim3 index, std::function<void()> body) {
+  block_index = index;
+  kernel = std::move(body);
+  fibers.assign(threads, Fiber{});
+  warp_barriers.assign(threads / 32, Barrier{32});
+  block_barrier = Barrier{threads};
+  exchange.assign(threads, 0);
+  for (auto& f : fibers) {
+    f.stack.resize(256 * 1024);
+    getcontext(&f.start);
+    f.start.uc_stack.ss_sp = f.stack.data();
+    f.start.uc_stack.ss_size = f.stack.size();
+    f.start.uc_link = nullptr;
+    makecontext(&f.start, enter, 0);
+  }
+  for (bool running = true; running;) {
+    running = false;
+    for (int i = 0; i < threads; ++i) {
+      if (fibers[i].done) continue;
+      running = true;
+      current = i;
+      if (_setjmp(scheduler)) continue;  // back here when fiber i yields
+      if (!fibers[i].started) {
+        fibers[i].started = true;
+        setcontext(&fibers[i].start);
+      }
+      _longjmp(fibers[i].resume, 1);
+    }
+  }
+}
+
+inline int lane() { return current & 31; }
+inline Barrier& warp_barrier() { return warp_barriers[current >> 5]; }
+
+// Every lane of the warp publishes `v`; returns lane `src`'s.
+template <typename T>
+T exchange_with(T v, int src) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  exchange[current] = bits;
+  warp_barrier().wait();
+  bits = exchange[(current & ~31) + src];
+  warp_barrier().wait();
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+}  // namespace emu
+
+struct ThreadIndex {
+  unsigned x, y, z;
+};
+inline ThreadIndex emulated_thread_index() { return {static_cast<unsigned>(emu::current), 0, 0}; }
+inline ThreadIndex emulated_block_index() { return {emu::block_index.x, emu::block_index.y, emu::block_index.z}; }
+#define threadIdx emulated_thread_index()
+#define blockIdx emulated_block_index()
+#define blockDim (ThreadIndex{static_cast<unsigned>(emu::fibers.size()), 1, 1})
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define __shared__ static  // one block at a time: a function-level static is the block's shared memory
+#define __restrict__ __restrict
+
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) {
+  return emu::exchange_with(v, src & 31);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask) {
+  return emu::exchange_with(v, emu::lane() ^ mask);
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned delta) {
+  const int src = emu::lane() - static_cast<int>(delta);
+  return emu::exchange_with(v, src >= 0 ? src : emu::lane());
+}
+inline unsigned __ballot_sync(unsigned, bool predicate) {
+  emu::exchange[emu::current] = predicate;
+  emu::warp_barrier().wait();
+  unsigned out = 0;
+  for (int l = 0; l < 32; ++l) out |= static_cast<unsigned>(emu::exchange[(emu::current & ~31) + l] != 0) << l;
+  emu::warp_barrier().wait();
+  return out;
+}
+inline bool __any_sync(unsigned mask, bool predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline void __syncwarp() { emu::warp_barrier().wait(); }
+inline void __syncthreads() { emu::block_barrier.wait(); }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(unsigned v) { return __builtin_ffs(static_cast<int>(v)); }
+inline float __expf(float x) { return std::exp(x); }
+template <typename T>
+T __ldcs(const T* p) {
+  return *p;
+}
+using std::max;
+using std::min;
