@@ -2,7 +2,7 @@
 
 Short on purpose: compute-sanitizer (memcheck, racecheck) runs it. Exits non-zero on a mismatch.
 With --profile it only runs the benchmark's target steps once each (N = 2, Qwen2 + Llama-3
-vocabularies, k = 10, bf16, B = 1 and 64: four kernel launches apiece), with each CUDA warp list, for
+vocabularies, k = 10, bf16, B = 1 and 64: three kernel launches apiece), with each CUDA warp list, for
 `ncu` to read.
 """
 

@@ -1,8 +1,9 @@
 // CUDA implementation of the ensemble step (SPEC.md section 2).
 //
 // Three kernels, all on the current stream, with no host synchronisation and fixed output shapes:
-//   topk_partial_kernel   one launch per model; each block reads one chunk of one row once, keeping a
-//                         running top-k (warp-wide sorted lists) and the chunk's max and sum of exponentials;
+//   topk_partial_kernel   one launch for all the models (per dtype); each block reads one chunk of one row of
+//                         one model once, keeping a running top-k (warp-wide sorted lists) and the chunk's
+//                         max and sum of exponentials;
 //   topk_finalize_kernel  one block per (row, model) merges the chunks' lists and statistics;
 //   union_average_kernel  one block per row: union, gather, renormalise, average, choose.
 // Splitting each row over several blocks keeps the GPU busy when the batch is small. The two top-k
@@ -27,6 +28,12 @@ constexpr int64_t kMinChunk = 4096;      // elements per block at least, so each
 constexpr int kBlocksPerSm = 4;          // enough blocks in flight to saturate memory bandwidth
 
 enum class LogitType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+template <typename T>
+constexpr LogitType kLogitTypeOf = LogitType::kFloat;
+template <>
+constexpr LogitType kLogitTypeOf<__nv_bfloat16> = LogitType::kBFloat16;
+template <>
+constexpr LogitType kLogitTypeOf<__half> = LogitType::kHalf;
 
 struct ModelView {
   const void* logits;
@@ -214,11 +221,23 @@ LogitType logit_type(const at::Tensor& x) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// One launch of topk_partial_kernel for every model whose logits are of type T (none if there are none).
 template <typename T, class List>
-void launch_partial(const at::Tensor& logits, const int32_t* to_canon, int64_t k, int64_t chunk_elems, dim3 grid,
-                    PartialView part) {
-  topk_partial_kernel<T, List><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(logits.const_data_ptr()), logits.size(1), to_canon, k, chunk_elems, part);
+void launch_partial(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon,
+                    const std::vector<PartialView>& parts, int64_t k, int64_t chunk_elems) {
+  PartialArgs<T> args{};
+  int chunks = 0;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (logit_type(logits[i]) != kLogitTypeOf<T>) continue;
+    args.model[args.n++] = PartialModel<T>{static_cast<const T*>(logits[i].const_data_ptr()), logits[i].size(1),
+                                           to_canon[i].const_data_ptr<int32_t>(), parts[i], chunks};
+    chunks += parts[i].chunks;
+  }
+  if (args.n == 0) return;
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(logits[0].size(0)));
+  topk_partial_kernel<T, List>
+      <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args, static_cast<int>(k), chunk_elems);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Runs steps 0-1 for several models with warp lists of type List: fills `out[i]` from `logits[i]`.
@@ -244,22 +263,19 @@ void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<a
   float* base = workspace.mutable_data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
   FinalizeArgs args{};
+  std::vector<PartialView> parts;
   for (int i = 0; i < n; ++i) {
     float* w = base + offsets[i] * (2 * k + 3);
     const int64_t slots = batch * chunks[i];
-    PartialView part{w, reinterpret_cast<int32_t*>(w + slots * k), w + slots * 2 * k, w + slots * (2 * k + 1),
-                     reinterpret_cast<int32_t*>(w + slots * (2 * k + 2)), static_cast<int>(chunks[i])};
-    args.partial[i] = part;
+    parts.push_back(PartialView{w, reinterpret_cast<int32_t*>(w + slots * k), w + slots * 2 * k,
+                                w + slots * (2 * k + 1), reinterpret_cast<int32_t*>(w + slots * (2 * k + 2)),
+                                static_cast<int>(chunks[i])});
+    args.partial[i] = parts[i];
     args.out[i] = out[i];
-    const dim3 grid(static_cast<unsigned>(chunks[i]), static_cast<unsigned>(batch));
-    const int32_t* tc = to_canon[i].const_data_ptr<int32_t>();
-    switch (logit_type(logits[i])) {
-      case LogitType::kBFloat16: launch_partial<__nv_bfloat16, List>(logits[i], tc, k, chunk_elems, grid, part); break;
-      case LogitType::kHalf: launch_partial<__half, List>(logits[i], tc, k, chunk_elems, grid, part); break;
-      default: launch_partial<float, List>(logits[i], tc, k, chunk_elems, grid, part);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  launch_partial<float, List>(logits, to_canon, parts, k, chunk_elems);
+  launch_partial<__nv_bfloat16, List>(logits, to_canon, parts, k, chunk_elems);
+  launch_partial<__half, List>(logits, to_canon, parts, k, chunk_elems);
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(n));
   topk_finalize_kernel<List><<<grid, kThreads, 0, stream>>>(args, static_cast<int>(k));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

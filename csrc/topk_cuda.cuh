@@ -337,13 +337,36 @@ struct PartialView {
   int chunks;
 };
 
+// One model's share of a partial launch: its logits [B, vocab] (rows contiguous), its table, where its
+// results go, and the first of its chunks in the launch (blockIdx.x counts the chunks of every model).
+template <typename T>
+struct PartialModel {
+  const T* logits;
+  int64_t vocab;
+  const int32_t* to_canon;
+  PartialView out;
+  int first_chunk;
+};
+
+// Every model with logits of type T in one launch, so that their blocks run side by side (at B = 1 one
+// model's chunks fill only part of the GPU).
+template <typename T>
+struct PartialArgs {
+  PartialModel<T> model[kMaxModels];
+  int n;
+};
+
 template <typename T, class List>
-__global__ void __launch_bounds__(kThreads)
-    topk_partial_kernel(const T* __restrict__ logits, int64_t vocab, const int32_t* __restrict__ to_canon, int k,
-                        int64_t chunk_elems, PartialView out) {
+__global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> args, int k, int64_t chunk_elems) {
+  int m = 0;
+  while (m + 1 < args.n && static_cast<int>(blockIdx.x) >= args.model[m + 1].first_chunk) ++m;
+  const T* __restrict__ logits = args.model[m].logits;
+  const int64_t vocab = args.model[m].vocab;
+  const int32_t* __restrict__ to_canon = args.model[m].to_canon;
+  const PartialView out = args.model[m].out;
+  const int b = blockIdx.y, chunk = static_cast<int>(blockIdx.x) - args.model[m].first_chunk;
   constexpr int kVec = 16 / sizeof(T);
   __shared__ BlockScratch scratch;
-  const int b = blockIdx.y, chunk = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* row = logits + static_cast<int64_t>(b) * vocab;
   const int64_t lo = chunk * chunk_elems;
