@@ -405,11 +405,19 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
     T elem[kVec];
   };
   const int64_t stride = static_cast<int64_t>(kThreads) * kVec;
-  for (int64_t base = body_begin + static_cast<int64_t>(warp) * 32 * kVec; base < body_end; base += stride) {
+  // Each lane's vector for the next round is loaded before this round's work, so that two loads are in
+  // flight per lane: the loop is otherwise bound by the memory latency when rows are long.
+  auto load = [&](int64_t first, Vector& vec) {
+    if (first < body_end) vec.raw = __ldcs(reinterpret_cast<const uint4*>(row + first));
+  };
+  const int64_t warp_begin = body_begin + static_cast<int64_t>(warp) * 32 * kVec;
+  Vector next;
+  load(warp_begin + lane * kVec, next);
+  for (int64_t base = warp_begin; base < body_end; base += stride) {
     const int64_t first = base + lane * kVec;
     const bool in_range = first < body_end;
-    Vector vec;
-    if (in_range) vec.raw = __ldcs(reinterpret_cast<const uint4*>(row + first));
+    const Vector vec = next;
+    load(first + stride, next);
     float v[kVec];
     bool any_candidate = false;
 #pragma unroll
