@@ -1,6 +1,10 @@
-"""The CUDA top-k stage's logic, checked where no GPU is: ``tests/cuda_emulation/topk_emulated.cpp``
-compiles the device code of ``csrc/topk_cuda.cuh`` for the CPU under a warp emulator (each GPU thread a
-fiber) and compares every row, for both warp lists, with a sort written from SPEC.md steps 0-1.
+"""The CUDA step's logic, checked where no GPU is.
+
+``tests/cuda_emulation/step_emulated.cpp`` compiles the device code of ``csrc/step_cuda.cuh`` for the CPU
+under a warp emulator (each GPU thread a fiber; shuffles, ballots and barriers pass control between them)
+and launches the kernels as the CUDA op does. On the random steps of ``test_step.py`` its outputs, with
+either warp list (``UNITE_EXT_CUDA_TOPK``), must equal the CPU op's (ids exact, probabilities within 1e-5)
+and meet the float64 oracle. Chunks of a few logits make the top-k merge many partial lists per row.
 
 It cannot see timing or memory-model faults: on a GPU, ``bench/gpu_check.sh`` runs the CUDA tests and
 compute-sanitizer.
@@ -11,39 +15,140 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from test_step import DTYPES, StepCase, assert_matches, assert_steps_agree, big_vocab_case, random_cases
+
+import unite_ext
+from unite_ext import EnsembleStep
+from unite_ext._step_inputs import prepare_step_inputs
+from unite_ext.benchmark import CUDA_TOPK_LISTS
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # LogitType in csrc/step_cuda.cuh
+# Logits per partial block: tiny ones split even the small vocabularies of the random steps into many
+# chunks; 4096 is the launcher's smallest.
+CHUNK_SIZES = (8, 24, 100, 4096)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the warp emulator's fibers use Linux ucontext")
-def test_cuda_topk_kernels_under_the_warp_emulator(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def emulated_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if sys.platform != "linux":
+        pytest.skip("the warp emulator's fibers use Linux ucontext")
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
         pytest.skip("needs a C++ compiler: neither $CXX, c++ nor g++ was found")
-    program = tmp_path / "topk_emulated"
-    build = subprocess.run(
-        [
-            compiler,
-            "-std=c++17",
-            "-O2",
-            "-U_FORTIFY_SOURCE",  # its longjmp check refuses the switch between fiber stacks
-            f"-I{EMULATION}",
-            f"-I{ROOT / 'csrc'}",
-            str(EMULATION / "topk_emulated.cpp"),
-            "-o",
-            str(program),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    program = tmp_path_factory.mktemp("emulation") / "step_emulated"
+    command = [
+        compiler,
+        "-std=c++17",
+        "-O2",
+        "-U_FORTIFY_SOURCE",  # its longjmp check refuses the switches between fiber stacks
+        f"-I{EMULATION}",
+        f"-I{ROOT / 'csrc'}",
+        str(EMULATION / "step_emulated.cpp"),
+        "-o",
+        str(program),
+    ]
+    build = subprocess.run(command, capture_output=True, text=True)
     assert build.returncode == 0, f"the emulated kernels did not compile:\n{build.stderr[-4000:]}"
-    seed = random.SystemRandom().randrange(2**31)
-    run = subprocess.run([str(program), str(seed)], capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, f"seed {seed} (rerun: {program} {seed}):\n{run.stdout[-6000:]}{run.stderr}"
-    assert "0 rows differ" in run.stdout
+    return program
+
+
+def write_case(path: Path, case: StepCase, warp_list: str, chunk_elems: int) -> None:
+    """The inputs as the op receives them, in the layout step_emulated.cpp reads."""
+    inputs = prepare_step_inputs(
+        case.logits,
+        (case.to_canon, case.from_canon),
+        case.k,
+        case.weights,
+        case.temperature,
+        case.top_p,
+        None,
+        case.uniforms,
+    )
+    n, batch = len(inputs.logits), inputs.logits[0].shape[0]
+    num_canonical = inputs.from_canon[0].shape[0]
+    header = [n, batch, inputs.k, num_canonical, DTYPE_CODES[inputs.logits[0].dtype]]
+    header += [CUDA_TOPK_LISTS.index(warp_list), chunk_elems, inputs.uniforms is not None]
+    parts = [struct.pack("<8q", *header), struct.pack("<2d", inputs.temperature, inputs.top_p)]
+    parts += [struct.pack(f"<{n}q", *(x.shape[1] for x in inputs.logits))]
+    parts += [struct.pack(f"<{n}d", *inputs.weights)]
+    parts += [x.contiguous().view(torch.uint8).numpy().tobytes() for x in inputs.logits]
+    parts += [t.numpy().astype("<i4").tobytes() for t in [*inputs.to_canon, *inputs.from_canon]]
+    if inputs.uniforms is not None:
+        parts.append(inputs.uniforms.float().numpy().astype("<f4").tobytes())
+    path.write_bytes(b"".join(parts))
+
+
+def read_outputs(path: Path, n: int, batch: int, k: int) -> EnsembleStep:
+    data = path.read_bytes()
+    width = n * k
+    fields = [
+        ("<i8", (batch,)),
+        ("<i8", (n, batch)),
+        ("<i8", (batch, width)),
+        ("<f4", (batch, width)),
+        ("<f4", (n, batch, width)),
+        ("<f4", (n, batch)),
+        ("<i4", (batch,)),
+    ]
+    offset, tensors = 0, []
+    for dtype, shape in fields:
+        count = int(np.prod(shape))
+        values = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+        tensors.append(torch.from_numpy(values.copy()))
+        offset += count * np.dtype(dtype).itemsize
+    assert offset == len(data), f"{path}: {len(data)} bytes, expected {offset}"
+    return EnsembleStep(*tensors)
+
+
+def run_emulated(program: Path, folder: Path, runs: list[tuple[StepCase, str, int]]) -> list[EnsembleStep]:
+    """Runs every (case, warp list, chunk size) in one process; returns the outputs in order."""
+    arguments = []
+    for index, (case, warp_list, chunk_elems) in enumerate(runs):
+        write_case(folder / f"{index}.in", case, warp_list, chunk_elems)
+        arguments += [str(folder / f"{index}.in"), str(folder / f"{index}.out")]
+    result = subprocess.run([str(program), *arguments], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"step_emulated failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    return [
+        read_outputs(folder / f"{index}.out", len(case.logits), case.logits[0].shape[0], case.k)
+        for index, (case, _, _) in enumerate(runs)
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_cuda_step_equals_the_cpu_op(
+    dtype: torch.dtype, emulated_step: Path, tmp_path: Path
+) -> None:
+    rng = random.Random()  # fresh chunk sizes each run; the label of a failure names them
+    cases = random_cases(dtype)
+    runs = [(case, warp_list, rng.choice(CHUNK_SIZES)) for case, _ in cases for warp_list in CUDA_TOPK_LISTS]
+    outputs = run_emulated(emulated_step, tmp_path, runs)
+    expected_by_case = {id(case): expected for case, expected in cases}
+    for (case, warp_list, chunk_elems), got in zip(runs, outputs, strict=True):
+        label = f"emulated CUDA, {warp_list} list, chunks of {chunk_elems}: {case.description}"
+        expected = expected_by_case[id(case)]
+        assert_matches(got, case, expected, label)
+        assert_steps_agree(got, case.call(unite_ext.ensemble_step, "cpu"), expected, label)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "sampling"), [(torch.bfloat16, False), (torch.float32, True)], ids=["bf16_k64", "fp32_sampling"]
+)
+def test_emulated_cuda_step_on_real_vocabulary_sizes(
+    dtype: torch.dtype, sampling: bool, emulated_step: Path, tmp_path: Path
+) -> None:
+    """Qwen2 + Llama-3 sized rows (ties, NaN, -inf runs, +inf) in the launcher's 4096-logit chunks: several
+    rounds of the partial kernel's loop per lane, which the random steps' short rows never reach."""
+    case, expected = big_vocab_case(dtype, sampling)
+    runs = [(case, warp_list, 4096) for warp_list in CUDA_TOPK_LISTS]
+    for (_, warp_list, _), got in zip(runs, run_emulated(emulated_step, tmp_path, runs), strict=True):
+        assert_matches(got, case, expected, f"emulated CUDA, {warp_list} list: {case.description}")

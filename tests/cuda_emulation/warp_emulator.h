@@ -1,8 +1,8 @@
 // Runs CUDA device code on the CPU, one block at a time: each thread of the block is a fiber, and a warp
-// intrinsic (shuffle, ballot, __syncwarp) or __syncthreads switches fibers until every thread it involves
-// has arrived, so warp-synchronous code runs lane by lane and computes what it computes on a GPU. It checks
-// logic (ranks, ties, merges, indexing), not timing or the memory model: compute-sanitizer on a GPU does.
-// Include it before the device code: it defines the CUDA keywords and intrinsics that code uses.
+// intrinsic (shuffle, ballot, __syncwarp) or __syncthreads passes control to the next fiber that takes part
+// until all have arrived, so warp-synchronous code runs lane by lane and computes what it computes on a
+// GPU. It checks logic (ranks, ties, merges, indexing), not timing or the memory model: compute-sanitizer on
+// a GPU does. Include it before the device code: it defines the CUDA keywords and intrinsics that code uses.
 #pragma once
 
 #include <setjmp.h>
@@ -11,8 +11,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 struct dim3 {
@@ -26,32 +29,53 @@ namespace emu {
 
 struct Fiber {
   ucontext_t start;  // used once, to enter the fiber on its own stack
-  jmp_buf resume;    // where it yielded
+  jmp_buf resume;    // where it last gave up control
   bool started = false, done = false;
-  std::vector<char> stack;
 };
 
+constexpr size_t kStackBytes = 256 * 1024;
 inline std::vector<Fiber> fibers;
-inline jmp_buf scheduler;
+inline std::vector<std::unique_ptr<char[]>> stacks;  // allocated once, reused by every block
+inline jmp_buf all_done;
 inline int current = 0;
 inline dim3 block_index;
 inline std::function<void()> kernel;
+inline std::vector<unsigned char> dynamic_shared(64 * 1024);
 
-// _setjmp/_longjmp rather than swapcontext: no signal-mask system call per switch (7x faster).
-inline void yield() {
-  if (!_setjmp(fibers[current].resume)) _longjmp(scheduler, 1);
+// Passes control from the current fiber to fiber `next`; returns when some fiber passes it back.
+// _setjmp/_longjmp rather than swapcontext: no signal-mask system call per switch.
+inline void switch_to(int next) {
+  if (next == current || _setjmp(fibers[current].resume)) return;
+  current = next;
+  if (!fibers[next].started) {
+    fibers[next].started = true;
+    setcontext(&fibers[next].start);
+  }
+  _longjmp(fibers[next].resume, 1);
 }
 
+// The fibers [first, first + count) meet here; a waiting fiber hands control to the next of them.
 struct Barrier {
-  int parties = 0, arrived = 0, generation = 0;
+  int first = 0, count = 0, arrived = 0, generation = 0;
   void wait() {
     const int entered = generation;
-    if (++arrived == parties) {
+    if (++arrived == count) {
       arrived = 0;
       ++generation;
       return;
     }
-    while (generation == entered) yield();
+    int next = current;
+    while (generation == entered) {
+      int tries = 0;
+      do {
+        next = first + (next - first + 1) % count;
+      } while (fibers[next].done && ++tries < count);
+      if (fibers[next].done) {
+        std::fprintf(stderr, "warp emulator: a barrier waits for threads that have exited\n");
+        std::abort();
+      }
+      switch_to(next);
+    }
   }
 };
 
@@ -62,7 +86,11 @@ inline std::vector<uint64_t> exchange;  // one slot per thread, for shuffles and
 inline void enter() {
   kernel();
   fibers[current].done = true;
-  yield();
+  for (int i = 1; i < static_cast<int>(fibers.size()); ++i) {
+    const int next = (current + i) % static_cast<int>(fibers.size());
+    if (!fibers[next].done) switch_to(next);  // does not come back: nothing waits for a finished fiber
+  }
+  _longjmp(all_done, 1);
 }
 
 // Runs `body` as the block `index` of `threads` threads (a multiple of 32) and returns when all are done.
@@ -70,31 +98,23 @@ inline void run_block(int threads, dim3 index, std::function<void()> body) {
   block_index = index;
   kernel = std::move(body);
   fibers.assign(threads, Fiber{});
-  warp_barriers.assign(threads / 32, Barrier{32});
-  block_barrier = Barrier{threads};
+  warp_barriers.clear();
+  for (int w = 0; w < threads / 32; ++w) warp_barriers.push_back(Barrier{32 * w, 32});
+  block_barrier = Barrier{0, threads};
   exchange.assign(threads, 0);
-  for (auto& f : fibers) {
-    f.stack.resize(256 * 1024);
+  while (stacks.size() < fibers.size()) stacks.emplace_back(new char[kStackBytes]);
+  for (size_t i = 0; i < fibers.size(); ++i) {
+    Fiber& f = fibers[i];
     getcontext(&f.start);
-    f.start.uc_stack.ss_sp = f.stack.data();
-    f.start.uc_stack.ss_size = f.stack.size();
+    f.start.uc_stack.ss_sp = stacks[i].get();
+    f.start.uc_stack.ss_size = kStackBytes;
     f.start.uc_link = nullptr;
     makecontext(&f.start, enter, 0);
   }
-  for (bool running = true; running;) {
-    running = false;
-    for (int i = 0; i < threads; ++i) {
-      if (fibers[i].done) continue;
-      running = true;
-      current = i;
-      if (_setjmp(scheduler)) continue;  // back here when fiber i yields
-      if (!fibers[i].started) {
-        fibers[i].started = true;
-        setcontext(&fibers[i].start);
-      }
-      _longjmp(fibers[i].resume, 1);
-    }
-  }
+  if (_setjmp(all_done)) return;
+  current = 0;
+  fibers[0].started = true;
+  setcontext(&fibers[0].start);
 }
 
 inline int lane() { return current & 31; }
@@ -133,6 +153,8 @@ inline ThreadIndex emulated_block_index() { return {emu::block_index.x, emu::blo
 #define __shared__ static  // one block at a time: a function-level static is the block's shared memory
 #define __restrict__ __restrict
 
+inline unsigned char* dynamic_shared_memory() { return emu::dynamic_shared.data(); }
+
 template <typename T>
 T __shfl_sync(unsigned, T v, int src) {
   return emu::exchange_with(v, src & 31);
@@ -160,6 +182,11 @@ inline void __syncthreads() { emu::block_barrier.wait(); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(static_cast<int>(v)); }
 inline float __expf(float x) { return std::exp(x); }
+inline int atomicAdd(int* address, int value) {  // fibers never run at the same time
+  const int old = *address;
+  *address += value;
+  return old;
+}
 template <typename T>
 T __ldcs(const T* p) {
   return *p;

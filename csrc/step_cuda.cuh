@@ -1,6 +1,6 @@
-// Device code of the CUDA top-k stage (steps 0-1 of SPEC.md section 2): the warp lists, the block
-// merge and the two top-k kernels. A header of its own so that tests/cuda_emulation can also run it on
-// the CPU, under a warp emulator, where no GPU is present.
+// Device code of the CUDA step (SPEC.md section 2): the warp lists, the block merge, the two top-k kernels
+// and the union kernel; step_cuda.cu launches them. A header of its own so that tests/cuda_emulation can
+// also run it on the CPU, under a warp emulator, where no GPU is present.
 #pragma once
 
 #include <climits>
@@ -24,6 +24,12 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 #ifdef __CUDACC__
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// The block's dynamic shared memory (the warp emulator provides its own).
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ unsigned char dynamic_smem[];
+  return dynamic_smem;
+}
 #endif
 
 // Running (max, sum of exp(x - max)) with -inf as the empty state.
@@ -506,6 +512,183 @@ __global__ void __launch_bounds__(kThreads) topk_finalize_kernel(FinalizeArgs ar
       }
     }
     if (lane == 0) out.top1[b] = usable ? expf(best - stats.max) / stats.sum : 0.0f;
+  }
+}
+
+enum class LogitType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+struct ModelView {
+  const void* logits;
+  int64_t vocab;  // row length; rows are contiguous
+  LogitType type;
+  const int32_t* to_canon;
+  const int32_t* from_canon;
+};
+
+__device__ __forceinline__ float load_logit(const ModelView& m, int64_t b, int64_t t) {
+  const int64_t offset = b * m.vocab + t;
+  switch (m.type) {
+    case LogitType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(m.logits)[offset]);
+    case LogitType::kHalf: return to_float(static_cast<const __half*>(m.logits)[offset]);
+    default: return static_cast<const float*>(m.logits)[offset];
+  }
+}
+
+struct UnionArgs {
+  ModelView model[kMaxModels];
+  const int64_t* topk_ids[kMaxModels];
+  const float* topk_logits[kMaxModels];
+  float weight[kMaxModels];
+  int n;
+  int k;
+  int64_t num_canonical;
+  int64_t batch;
+  float temperature;
+  float top_p;
+  const float* uniforms;
+  int64_t* next_canon;
+  int64_t* next_ids;
+  int64_t* union_ids;
+  float* union_probs;
+  float* model_probs;
+  int32_t* status;
+};
+
+// Dynamic shared memory of union_average_kernel for a union width L = n * k.
+constexpr size_t union_smem_bytes(int width) {
+  return static_cast<size_t>(width) * (4 * sizeof(int32_t) + 4 * sizeof(float) + sizeof(int) + sizeof(bool));
+}
+static_assert(union_smem_bytes(kMaxModels * kMaxK) <= 48 * 1024, "the union must fit the default shared memory");
+
+__global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args) {
+  unsigned char* smem = dynamic_shared_memory();
+  const int width = args.n * args.k;
+  int32_t* candidate = reinterpret_cast<int32_t*>(smem);
+  int32_t* first = candidate + width;
+  int32_t* members = first + width;
+  int32_t* token = members + width;
+  float* q = reinterpret_cast<float*>(token + width);
+  float* p = q + width;
+  float* scaled = p + width;
+  float* sorted = scaled + width;
+  int* order = reinterpret_cast<int*>(sorted + width);
+  bool* own = reinterpret_cast<bool*>(order + width);
+  __shared__ int size;
+  __shared__ float total;
+  __shared__ int choice;
+
+  const int64_t b = blockIdx.x;
+  const int k = args.k;
+  int32_t row_status = 0;
+  float w_total = 0.0f;
+  for (int i = 0; i < args.n; ++i) {
+    if (args.topk_ids[i][b * k] < 0) {
+      row_status |= 1 << i;
+    } else {
+      w_total += args.weight[i];
+    }
+  }
+
+  // Step 2: candidates, then the ascending union by rank counting (the width is at most a few hundred).
+  for (int s = threadIdx.x; s < width; s += blockDim.x) {
+    const int i = s / k;
+    const int64_t t = args.topk_ids[i][b * k + s % k];
+    const int32_t c = t >= 0 ? args.model[i].to_canon[t] : -1;
+    candidate[s] = c >= 0 && c < args.num_canonical ? c : -1;
+    p[s] = 0.0f;
+  }
+  if (threadIdx.x == 0) size = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < width; s += blockDim.x) {
+    bool is_first = candidate[s] >= 0;
+    for (int o = 0; o < s && is_first; ++o) is_first = candidate[o] != candidate[s];
+    first[s] = is_first;
+    if (is_first) atomicAdd(&size, 1);
+  }
+  __syncthreads();
+  for (int s = threadIdx.x; s < width; s += blockDim.x) {
+    if (!first[s]) continue;
+    int rank = 0;
+    for (int o = 0; o < width; ++o) rank += first[o] && candidate[o] < candidate[s];
+    members[rank] = candidate[s];
+  }
+  __syncthreads();
+  const int union_size = size;
+
+  // Steps 3-5, one model at a time.
+  for (int i = 0; i < args.n; ++i) {
+    float* model_row = args.model_probs + (i * args.batch + b) * width;
+    if (row_status & (1 << i)) {
+      for (int j = threadIdx.x; j < width; j += blockDim.x) model_row[j] = 0.0f;
+      continue;
+    }
+    const ModelView m = args.model[i];
+    const float best = args.topk_logits[i][b * k];
+    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
+      const int32_t t = m.from_canon[members[j]];
+      const bool present = t >= 0 && t < m.vocab;
+      token[j] = present ? t : -1;
+      own[j] = present && m.to_canon[t] == members[j];
+      q[j] = present ? expf(load_logit(m, b, t) - best) : 0.0f;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
+      if (!owns_token(token, own, union_size, j)) q[j] = 0.0f;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // serial, in the CPU kernel's order
+      float sum = 0.0f;
+      for (int j = 0; j < union_size; ++j) sum += q[j];
+      total = sum;
+    }
+    __syncthreads();
+    const float w = w_total > 0.0f ? args.weight[i] / w_total : 0.0f;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+      const float prob = j < union_size && total > 0.0f ? q[j] / total : 0.0f;
+      model_row[j] = prob;
+      p[j] += w * prob;
+    }
+    __syncthreads();
+  }
+
+  // Step 6.
+  if (threadIdx.x == 0) {
+    int best = -1;
+    if (w_total > 0.0f) {
+      for (int j = 0; j < union_size; ++j) {
+        if (best < 0 || p[j] > p[best]) best = j;
+      }
+    }
+    choice = best;
+  }
+  __syncthreads();
+  if (args.temperature > 0.0f && choice >= 0) {
+    const float log_max = logf(p[choice]);
+    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
+      scaled[j] = p[j] > 0.0f ? expf((logf(p[j]) - log_max) / args.temperature) : 0.0f;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
+      int rank = 0;
+      for (int o = 0; o < union_size; ++o) rank += scaled[o] > scaled[j] || (scaled[o] == scaled[j] && o < j);
+      order[rank] = j;
+      sorted[rank] = scaled[j];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) choice = order[nucleus_pick(sorted, union_size, args.top_p, args.uniforms[b])];
+    __syncthreads();
+  }
+
+  for (int j = threadIdx.x; j < width; j += blockDim.x) {
+    args.union_ids[b * width + j] = j < union_size ? members[j] : -1;
+    args.union_probs[b * width + j] = j < union_size ? p[j] : 0.0f;
+  }
+  const int64_t chosen = choice >= 0 ? members[choice] : -1;
+  for (int i = threadIdx.x; i < args.n; i += blockDim.x) {
+    args.next_ids[i * args.batch + b] = chosen >= 0 ? args.model[i].from_canon[chosen] : -1;
+  }
+  if (threadIdx.x == 0) {
+    args.next_canon[b] = chosen;
+    args.status[b] = row_status;
   }
 }
 
