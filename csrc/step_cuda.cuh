@@ -515,7 +515,9 @@ __global__ void __launch_bounds__(kThreads) topk_finalize_kernel(FinalizeArgs ar
   }
 }
 
+// The union kernel reads each model's logits at a few tokens only, so it takes their type at run time.
 enum class LogitType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
 struct ModelView {
   const void* logits;
   int64_t vocab;  // row length; rows are contiguous
