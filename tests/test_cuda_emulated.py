@@ -12,6 +12,7 @@ compute-sanitizer.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -23,7 +24,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_step import DTYPES, StepCase, assert_matches, assert_steps_agree, big_vocab_case, random_cases
+from test_step import (
+    DTYPES,
+    StepCase,
+    assert_matches,
+    assert_steps_agree,
+    big_vocab_case,
+    random_case,
+    random_cases,
+)
 
 import unite_ext
 from unite_ext import EnsembleStep
@@ -138,6 +147,29 @@ def test_emulated_cuda_step_equals_the_cpu_op(
         expected = expected_by_case[id(case)]
         assert_matches(got, case, expected, label)
         assert_steps_agree(got, case.call(unite_ext.ensemble_step, "cpu"), expected, label)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_cuda_step_on_longer_rows(dtype: torch.dtype, emulated_step: Path, tmp_path: Path) -> None:
+    """Random steps with rows of 1,000 to 9,001 logits (their first 3 rows), in the launcher's chunks: several
+    rounds of the partial kernel's loop per lane, with the random steps' ties, NaN, +inf and -inf."""
+    seeds = [random.SystemRandom().randrange(2**31) for _ in range(4)]  # fresh; each label names its seed
+    cases = [first_rows(random_case(seed, dtype, (1000, 2047, 4097, 9001)), 3) for seed in seeds]
+    runs = [(case, name, 2048 * (1 + i % 2)) for i, case in enumerate(cases) for name in CUDA_TOPK_LISTS]
+    outputs = run_emulated(emulated_step, tmp_path, runs)
+    for (case, warp_list, chunk_elems), got in zip(runs, outputs, strict=True):
+        label = f"emulated CUDA, {warp_list} list, chunks of {chunk_elems}: {case.description}"
+        expected = case.oracle()
+        assert_matches(got, case, expected, label)
+        assert_steps_agree(got, case.call(unite_ext.ensemble_step, "cpu"), expected, label)
+
+
+def first_rows(case: StepCase, rows: int) -> StepCase:
+    uniforms = None if case.uniforms is None else case.uniforms[:rows]
+    logits = [x[:rows] for x in case.logits]
+    return dataclasses.replace(
+        case, description=f"{case.description}, first {rows} rows", logits=logits, uniforms=uniforms
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -125,13 +125,17 @@ def _damage_rows(rng: random.Random, logits: Tensor, to_canon: Tensor) -> None:
             logits[b, torch.rand(vocab) < 0.4] = -math.inf
 
 
-def random_case(seed: int, dtype: torch.dtype) -> StepCase:
-    """A random step: N 1..4, B 1..65, small unequal vocabularies (some below k), k 1..64, ties, NaN/inf."""
+SMALL_VOCABS = (1, 2, 3, 6, 10, 31, 64, 100, 300)
+
+
+def random_case(seed: int, dtype: torch.dtype, vocab_choices: Sequence[int] = SMALL_VOCABS) -> StepCase:
+    """A random step: N 1..4, B 1..65, unequal vocabularies from ``vocab_choices`` (by default small ones,
+    some below k), k 1..64, ties, NaN/inf."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     n = rng.randint(1, 4)
     batch = rng.choice([1, 2, 3, 7, 16, 33, 65])
-    vocab_sizes = [rng.choice([1, 2, 3, 6, 10, 31, 64, 100, 300]) for _ in range(n)]
+    vocab_sizes = [rng.choice(vocab_choices) for _ in range(n)]
     k = rng.choice([1, 1, 2, 4, 10, 33, 64])
     table_kind, to_canon, from_canon = _random_tables(rng, generator, vocab_sizes)
     integer_logits = rng.random() < 0.6  # small integers: ties everywhere
