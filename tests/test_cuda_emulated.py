@@ -20,10 +20,12 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
+from step_oracle import OracleRow
 from test_step import (
     DTYPES,
     StepCase,
@@ -119,18 +121,36 @@ def read_outputs(path: Path, n: int, batch: int, k: int) -> EnsembleStep:
     return EnsembleStep(*tensors)
 
 
-def run_emulated(program: Path, folder: Path, runs: list[tuple[StepCase, str, int]]) -> list[EnsembleStep]:
-    """Runs every (case, warp list, chunk size) in one process; returns the outputs in order."""
+class Run(NamedTuple):
+    """One emulated step: the case, its float64 oracle, the warp list and the logits per partial block."""
+
+    case: StepCase
+    expected: list[OracleRow]
+    warp_list: str
+    chunk_elems: int
+
+
+def run_emulated(program: Path, folder: Path, runs: list[Run]) -> list[EnsembleStep]:
+    """Runs every step in one process; returns the outputs in order."""
     arguments = []
-    for index, (case, warp_list, chunk_elems) in enumerate(runs):
-        write_case(folder / f"{index}.in", case, warp_list, chunk_elems)
+    for index, run in enumerate(runs):
+        write_case(folder / f"{index}.in", run.case, run.warp_list, run.chunk_elems)
         arguments += [str(folder / f"{index}.in"), str(folder / f"{index}.out")]
     result = subprocess.run([str(program), *arguments], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"step_emulated failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
     return [
-        read_outputs(folder / f"{index}.out", len(case.logits), case.logits[0].shape[0], case.k)
-        for index, (case, _, _) in enumerate(runs)
+        read_outputs(folder / f"{index}.out", len(run.case.logits), run.case.logits[0].shape[0], run.case.k)
+        for index, run in enumerate(runs)
     ]
+
+
+def assert_runs_match(program: Path, folder: Path, runs: list[Run], cpu: bool) -> None:
+    """Each emulated output meets its oracle and, with ``cpu``, equals the CPU op's."""
+    for run, got in zip(runs, run_emulated(program, folder, runs), strict=True):
+        label = f"emulated CUDA, {run.warp_list} list, chunks of {run.chunk_elems}: {run.case.description}"
+        assert_matches(got, run.case, run.expected, label)
+        if cpu:
+            assert_steps_agree(got, run.case.call(unite_ext.ensemble_step, "cpu"), run.expected, label)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -138,15 +158,12 @@ def test_emulated_cuda_step_equals_the_cpu_op(
     dtype: torch.dtype, emulated_step: Path, tmp_path: Path
 ) -> None:
     rng = random.Random()  # fresh chunk sizes each run; the label of a failure names them
-    cases = random_cases(dtype)
-    runs = [(case, warp_list, rng.choice(CHUNK_SIZES)) for case, _ in cases for warp_list in CUDA_TOPK_LISTS]
-    outputs = run_emulated(emulated_step, tmp_path, runs)
-    expected_by_case = {id(case): expected for case, expected in cases}
-    for (case, warp_list, chunk_elems), got in zip(runs, outputs, strict=True):
-        label = f"emulated CUDA, {warp_list} list, chunks of {chunk_elems}: {case.description}"
-        expected = expected_by_case[id(case)]
-        assert_matches(got, case, expected, label)
-        assert_steps_agree(got, case.call(unite_ext.ensemble_step, "cpu"), expected, label)
+    runs = [
+        Run(case, expected, warp_list, rng.choice(CHUNK_SIZES))
+        for case, expected in random_cases(dtype)
+        for warp_list in CUDA_TOPK_LISTS
+    ]
+    assert_runs_match(emulated_step, tmp_path, runs, cpu=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -155,21 +172,12 @@ def test_emulated_cuda_step_on_longer_rows(dtype: torch.dtype, emulated_step: Pa
     rounds of the partial kernel's loop per lane, with the random steps' ties, NaN, +inf and -inf."""
     seeds = [random.SystemRandom().randrange(2**31) for _ in range(4)]  # fresh; each label names its seed
     cases = [first_rows(random_case(seed, dtype, (1000, 2047, 4097, 9001)), 3) for seed in seeds]
-    runs = [(case, name, 2048 * (1 + i % 2)) for i, case in enumerate(cases) for name in CUDA_TOPK_LISTS]
-    outputs = run_emulated(emulated_step, tmp_path, runs)
-    for (case, warp_list, chunk_elems), got in zip(runs, outputs, strict=True):
-        label = f"emulated CUDA, {warp_list} list, chunks of {chunk_elems}: {case.description}"
-        expected = case.oracle()
-        assert_matches(got, case, expected, label)
-        assert_steps_agree(got, case.call(unite_ext.ensemble_step, "cpu"), expected, label)
-
-
-def first_rows(case: StepCase, rows: int) -> StepCase:
-    uniforms = None if case.uniforms is None else case.uniforms[:rows]
-    logits = [x[:rows] for x in case.logits]
-    return dataclasses.replace(
-        case, description=f"{case.description}, first {rows} rows", logits=logits, uniforms=uniforms
-    )
+    runs = [
+        Run(case, case.oracle(), warp_list, 2048 * (1 + i % 2))
+        for i, case in enumerate(cases)
+        for warp_list in CUDA_TOPK_LISTS
+    ]
+    assert_runs_match(emulated_step, tmp_path, runs, cpu=True)
 
 
 @pytest.mark.parametrize(
@@ -178,9 +186,15 @@ def first_rows(case: StepCase, rows: int) -> StepCase:
 def test_emulated_cuda_step_on_real_vocabulary_sizes(
     dtype: torch.dtype, sampling: bool, emulated_step: Path, tmp_path: Path
 ) -> None:
-    """Qwen2 + Llama-3 sized rows (ties, NaN, -inf runs, +inf) in the launcher's 4096-logit chunks: several
-    rounds of the partial kernel's loop per lane, which the random steps' short rows never reach."""
+    """Qwen2 + Llama-3 sized rows (ties, NaN, -inf runs, +inf) in the launcher's 4096-logit chunks."""
     case, expected = big_vocab_case(dtype, sampling)
-    runs = [(case, warp_list, 4096) for warp_list in CUDA_TOPK_LISTS]
-    for (_, warp_list, _), got in zip(runs, run_emulated(emulated_step, tmp_path, runs), strict=True):
-        assert_matches(got, case, expected, f"emulated CUDA, {warp_list} list: {case.description}")
+    runs = [Run(case, expected, warp_list, 4096) for warp_list in CUDA_TOPK_LISTS]
+    assert_runs_match(emulated_step, tmp_path, runs, cpu=False)
+
+
+def first_rows(case: StepCase, rows: int) -> StepCase:
+    uniforms = None if case.uniforms is None else case.uniforms[:rows]
+    logits = [x[:rows] for x in case.logits]
+    return dataclasses.replace(
+        case, description=f"{case.description}, first {rows} rows", logits=logits, uniforms=uniforms
+    )
