@@ -14,13 +14,13 @@ import torch
 
 import unite_ext
 from unite_ext.benchmark import (
-    CUDA_TOPK_LISTS,
     MODEL_VOCAB_SIZES,
     NUM_CANONICAL,
     cuda_topk_list,
     synthetic_logits,
     synthetic_tables,
 )
+from unite_ext.step import CUDA_TOPK_LISTS
 
 # (vocabulary sizes, batch, k, dtype): odd sizes exercise unaligned rows, k > V empty slots, k > 32
 # the two-slot warp lists.

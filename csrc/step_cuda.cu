@@ -81,18 +81,15 @@ void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<a
     chunks[i] = ceil_div(logits[i].size(1), chunk_elems);
     offsets[i + 1] = offsets[i] + batch * chunks[i];
   }
-  // One workspace for every model's partial results: per slot k values, k ids, max, sum, bad.
-  auto workspace = at::empty({offsets[n] * (2 * k + 3)}, logits[0].options().dtype(at::kFloat));
+  // One workspace for every model's partial results.
+  auto workspace = at::empty({partial_floats(offsets[n], k)}, logits[0].options().dtype(at::kFloat));
   float* base = workspace.mutable_data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
   FinalizeArgs args{};
   std::vector<PartialView> parts;
   for (int i = 0; i < n; ++i) {
-    float* w = base + offsets[i] * (2 * k + 3);
-    const int64_t slots = batch * chunks[i];
-    parts.push_back(PartialView{w, reinterpret_cast<int32_t*>(w + slots * k), w + slots * 2 * k,
-                                w + slots * (2 * k + 1), reinterpret_cast<int32_t*>(w + slots * (2 * k + 2)),
-                                static_cast<int>(chunks[i])});
+    parts.push_back(partial_view(base + partial_floats(offsets[i], k), batch * chunks[i], k,
+                                 static_cast<int>(chunks[i])));
     args.partial[i] = parts[i];
     args.out[i] = out[i];
   }

@@ -25,11 +25,9 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
-// The block's dynamic shared memory (the warp emulator provides its own).
-__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
-  extern __shared__ unsigned char dynamic_smem[];
-  return dynamic_smem;
-}
+// Declares the block's dynamic shared memory as `name` (the warp emulator defines its own). Declared in
+// the kernel itself: behind an accessor function the union kernel spilled a register.
+#define UNITE_DYNAMIC_SHARED(name) extern __shared__ unsigned char name[]
 #endif
 
 // Running (max, sum of exp(x - max)) with -inf as the empty state.
@@ -343,6 +341,20 @@ struct PartialView {
   int chunks;
 };
 
+// Floats of the workspace holding `slots` (row, chunk) partial results: per slot k values, k ids, max,
+// sum, bad.
+inline int64_t partial_floats(int64_t slots, int64_t k) { return slots * (2 * k + 3); }
+
+// The partial results of `slots` slots laid out from `w` (partial_floats(slots, k) floats).
+inline PartialView partial_view(float* w, int64_t slots, int64_t k, int chunks) {
+  return PartialView{w,
+                     reinterpret_cast<int32_t*>(w + slots * k),
+                     w + slots * 2 * k,
+                     w + slots * (2 * k + 1),
+                     reinterpret_cast<int32_t*>(w + slots * (2 * k + 2)),
+                     chunks};
+}
+
 // One model's share of a partial launch: its logits [B, vocab] (rows contiguous), its table, where its
 // results go, and the first of its chunks in the launch (blockIdx.x counts the chunks of every model).
 template <typename T>
@@ -562,7 +574,7 @@ constexpr size_t union_smem_bytes(int width) {
 static_assert(union_smem_bytes(kMaxModels * kMaxK) <= 48 * 1024, "the union must fit the default shared memory");
 
 __global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args) {
-  unsigned char* smem = dynamic_shared_memory();
+  UNITE_DYNAMIC_SHARED(smem);
   const int width = args.n * args.k;
   int32_t* candidate = reinterpret_cast<int32_t*>(smem);
   int32_t* first = candidate + width;

@@ -296,16 +296,16 @@ def test_chat_must_be_all_or_none():
 
 
 def test_bench_times_each_cuda_warp_list_with_its_variable_set(monkeypatch):
-    from unite_ext import benchmark
+    from unite_ext import benchmark, step
 
-    monkeypatch.setenv(benchmark.CUDA_TOPK_VARIABLE, "insertion")
+    monkeypatch.setenv(step.CUDA_TOPK_VARIABLE, "insertion")
     with benchmark.cuda_topk_list("bitonic"):
-        assert os.environ[benchmark.CUDA_TOPK_VARIABLE] == "bitonic"
-    assert os.environ[benchmark.CUDA_TOPK_VARIABLE] == "insertion"
-    monkeypatch.delenv(benchmark.CUDA_TOPK_VARIABLE)
+        assert os.environ[step.CUDA_TOPK_VARIABLE] == "bitonic"
+    assert os.environ[step.CUDA_TOPK_VARIABLE] == "insertion"
+    monkeypatch.delenv(step.CUDA_TOPK_VARIABLE)
     with pytest.raises(RuntimeError), benchmark.cuda_topk_list("bitonic"):
         raise RuntimeError("the variable is restored on the way out of an error too")
-    assert benchmark.CUDA_TOPK_VARIABLE not in os.environ
+    assert step.CUDA_TOPK_VARIABLE not in os.environ
     with pytest.raises(ValueError, match="unknown CUDA warp list 'heap'"), benchmark.cuda_topk_list("heap"):
         pass
     with pytest.raises(SystemExit):

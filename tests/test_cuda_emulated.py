@@ -39,7 +39,7 @@ from test_step import (
 import unite_ext
 from unite_ext import EnsembleStep
 from unite_ext._step_inputs import prepare_step_inputs
-from unite_ext.benchmark import CUDA_TOPK_LISTS
+from unite_ext.step import CUDA_TOPK_LISTS
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"

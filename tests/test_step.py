@@ -19,7 +19,8 @@ from torch import Tensor
 
 import unite_ext
 from unite_ext import EnsembleStep
-from unite_ext.benchmark import CUDA_TOPK_LISTS, CUDA_TOPK_VARIABLE, synthetic_tables
+from unite_ext.benchmark import synthetic_tables
+from unite_ext.step import CUDA_TOPK_LISTS, CUDA_TOPK_VARIABLE
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA_REASON = "needs a CUDA GPU: torch.cuda.is_available() is False"

@@ -21,16 +21,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import reference
-from .step import ensemble_step, topk_stats, union_average
+from .defaults import DEFAULT_K
+from .step import CUDA_TOPK_LISTS, CUDA_TOPK_VARIABLE, ensemble_step, topk_stats, union_average
 
 # Qwen2, Llama-3 and Mistral: an N-model benchmark uses the first N.
 MODEL_VOCAB_SIZES = (151936, 128256, 32768)
 NUM_CANONICAL = 250_000
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The CUDA kernels' ways of taking top-k candidates into a warp's list, read from this variable at every
-# call (csrc/step_cuda.cu, launch_topk); "insertion" is the default.
-CUDA_TOPK_VARIABLE = "UNITE_EXT_CUDA_TOPK"
-CUDA_TOPK_LISTS = ("insertion", "bitonic")
 STEP_VARIANTS = ("fused", "reference", "top-k", "union")
 
 
@@ -304,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-sizes", type=_int_list, default=[1, 8, 64], help="comma-separated (default 1,8,64)"
     )
     parser.add_argument("--models", type=_int_list, default=[2, 3], help="model counts, 1..3 (default 2,3)")
-    parser.add_argument("--k", type=int, default=10, help="candidates per model (default 10)")
+    parser.add_argument(
+        "--k", type=int, default=DEFAULT_K, help=f"candidates per model (default {DEFAULT_K})"
+    )
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (default 0)")

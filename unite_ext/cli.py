@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from unite_ext.defaults import DEFAULT_K, DEFAULT_SYNC
 from unite_ext.model_spec import (
     DTYPES,
     ModelSpec,
@@ -73,12 +74,14 @@ def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
 
 def add_step_options(parser: argparse.ArgumentParser) -> None:
     """How the ensemble picks and follows tokens: ``--k`` and ``--sync``."""
-    parser.add_argument("--k", type=int, default=10, help="top-k tokens each model proposes (default 10)")
+    parser.add_argument(
+        "--k", type=int, default=DEFAULT_K, help=f"top-k tokens each model proposes (default {DEFAULT_K})"
+    )
     parser.add_argument(
         "--sync",
         choices=("exact", "fast"),
-        default="exact",
-        help="how models follow the text (default exact)",
+        default=DEFAULT_SYNC,
+        help=f"how models follow the text (default {DEFAULT_SYNC})",
     )
 
 

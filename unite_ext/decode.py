@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ._step_inputs import MAX_K, EnsembleStep, _check_weights
+from .defaults import DEFAULT_K, DEFAULT_LOOKBEHIND, DEFAULT_SYNC
 from .step import ensemble_step, ensemble_step_across_devices
 from .sync import Continuation, ExactSync, FastSync, Synchronizer
 from .vocab import VocabTables
@@ -300,9 +301,9 @@ class Ensemble:
         models: Sequence[PreTrainedModel],
         tokenizers: Sequence[PreTrainedTokenizerBase],
         weights: Sequence[float] | None = None,
-        k: int = 10,
-        sync: SyncMode = "exact",
-        lookbehind: int = 8,
+        k: int = DEFAULT_K,
+        sync: SyncMode = DEFAULT_SYNC,
+        lookbehind: int = DEFAULT_LOOKBEHIND,
         *,
         tables: VocabTables | None = None,
     ):

@@ -51,6 +51,7 @@ from ._step_inputs import MAX_K
 from .benchmark import median_seconds
 from .cli import add_step_options
 from .decode import Ensemble, StepTrace
+from .defaults import DEFAULT_K, DEFAULT_SYNC
 from .step import ensemble_step
 from .tasks.evaluation import format_table
 from .toy_tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
@@ -527,8 +528,8 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 def run_demo(
     settings: DemoSettings | None = None,
-    k: int = 10,
-    sync: str = "exact",
+    k: int = DEFAULT_K,
+    sync: str = DEFAULT_SYNC,
     device: str | torch.device | None = None,
     cache_root: Path | None = None,
     progress: bool = True,

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from unite_ext.defaults import DEFAULT_K, DEFAULT_SYNC
+
 try:
     from lm_eval import utils as lm_eval_utils
     from lm_eval.api.model import LM
@@ -105,8 +107,8 @@ class UniteLM(LM):
         models: str | Sequence[str] | None = None,
         spec: str | None = None,
         weights: str | Sequence[float] | None = None,
-        k: int = 10,
-        sync: str = "exact",
+        k: int = DEFAULT_K,
+        sync: str = DEFAULT_SYNC,
         dtype: str = "auto",
         device_map: str | None = None,
         device: str | None = None,

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from unite_ext.defaults import DEFAULT_K, DEFAULT_LOOKBEHIND, DEFAULT_SYNC
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _MODEL_KEYS = ("path", "weight", "dtype", "device_map", "chat_template")
 
@@ -156,7 +158,11 @@ def uses_chat(specs: Sequence[ModelSpec]) -> bool:
 
 
 def build_ensemble(
-    specs: Sequence[ModelSpec], *, k: int = 10, sync: str = "exact", lookbehind: int = 8
+    specs: Sequence[ModelSpec],
+    *,
+    k: int = DEFAULT_K,
+    sync: str = DEFAULT_SYNC,
+    lookbehind: int = DEFAULT_LOOKBEHIND,
 ) -> Any:
     """Load the models of ``specs`` into a :class:`unite_ext.decode.Ensemble`.
 

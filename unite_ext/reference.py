@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._step_inputs import EnsembleStep, TablesLike, prepare_step_inputs
+from .defaults import DEFAULT_K
 
 NEG_INF = float("-inf")
 
@@ -139,7 +140,7 @@ def union_average(
 def ensemble_step(
     logits: Sequence[Tensor],
     tables: TablesLike | tuple[Sequence[Tensor], Sequence[Tensor]],
-    k: int = 10,
+    k: int = DEFAULT_K,
     weights: Sequence[float] | Tensor | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,

@@ -9,12 +9,18 @@ from torch import Tensor
 
 from ._ops import ops
 from ._step_inputs import EnsembleStep, TablesLike, _tables_pair, prepare_step_inputs
+from .defaults import DEFAULT_K
+
+# The CUDA kernels' ways of taking top-k candidates into a warp's list, read from this variable at every
+# call (csrc/step_cuda.cu, launch_topk); the first is the default. Outputs are the same with either.
+CUDA_TOPK_VARIABLE = "UNITE_EXT_CUDA_TOPK"
+CUDA_TOPK_LISTS = ("insertion", "bitonic")
 
 
 def ensemble_step(
     logits: Sequence[Tensor],
     tables: TablesLike | tuple[Sequence[Tensor], Sequence[Tensor]],
-    k: int = 10,
+    k: int = DEFAULT_K,
     weights: Sequence[float] | Tensor | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -99,7 +105,7 @@ def _enters_whole(x: Tensor, device: torch.device) -> bool:
 def ensemble_step_across_devices(
     logits: Sequence[Tensor],
     tables: Sequence[TablesLike | tuple[Sequence[Tensor], Sequence[Tensor]]],
-    k: int = 10,
+    k: int = DEFAULT_K,
     weights: Sequence[float] | Tensor | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,

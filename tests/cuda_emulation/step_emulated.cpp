@@ -116,14 +116,8 @@ void run_topk(const Case& c, Outputs& out) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t model_chunks = (c.vocab[i] + c.chunk_elems - 1) / c.chunk_elems;
     const int64_t slots = batch * model_chunks;
-    workspaces[i].resize(slots * (2 * k + 3));
-    float* w = workspaces[i].data();
-    const PartialView part{w,
-                           reinterpret_cast<int32_t*>(w + slots * k),
-                           w + slots * 2 * k,
-                           w + slots * (2 * k + 1),
-                           reinterpret_cast<int32_t*>(w + slots * (2 * k + 2)),
-                           static_cast<int>(model_chunks)};
+    workspaces[i].resize(partial_floats(slots, k));
+    const PartialView part = partial_view(workspaces[i].data(), slots, k, static_cast<int>(model_chunks));
     partial.model[partial.n++] = PartialModel<T>{reinterpret_cast<const T*>(c.logits[i].data()), c.vocab[i],
                                                  c.to_canon[i].data(), part, chunks};
     chunks += static_cast<int>(model_chunks);

@@ -153,7 +153,7 @@ inline ThreadIndex emulated_block_index() { return {emu::block_index.x, emu::blo
 #define __shared__ static  // one block at a time: a function-level static is the block's shared memory
 #define __restrict__ __restrict
 
-inline unsigned char* dynamic_shared_memory() { return emu::dynamic_shared.data(); }
+#define UNITE_DYNAMIC_SHARED(name) unsigned char* name = emu::dynamic_shared.data()
 
 template <typename T>
 T __shfl_sync(unsigned, T v, int src) {
