@@ -30,19 +30,43 @@ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 #define UNITE_DYNAMIC_SHARED(name) extern __shared__ unsigned char name[]
 #endif
 
+// The largest of v, or NaN if any is NaN (fmaxf would drop it): one test per vector then finds NaN and +inf.
+template <int N>
+__device__ __forceinline__ float max_keeping_nan(const float (&v)[N]) {
+  float m = v[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("max.NaN.f32 %0, %0, %1;" : "+f"(m) : "f"(v[j]));
+#else
+    m = m != m || v[j] != v[j] ? m + v[j] : fmaxf(m, v[j]);
+#endif
+  }
+  return m;
+}
+
+// Whether a row holding `v` cannot vote (SPEC.md section 2: NaN or +inf logits).
+__device__ __forceinline__ bool unusable_logit(float v) { return v != v || v == INFINITY; }
+
 // Running (max, sum of exp(x - max)) with -inf as the empty state.
 struct SoftmaxStats {
   float max = -INFINITY;
   float sum = 0.0f;
 
-  __device__ __forceinline__ void add(float v) {
-    if (v == -INFINITY || v != v) return;  // no mass; NaN rows are flagged separately
-    if (v > max) {
-      sum = sum * __expf(max - v) + 1.0f;
-      max = v;
-    } else {
-      sum += __expf(v - max);
+  // Takes in a few values whose maximum (max_keeping_nan) is `top`, with one exponential each. NaN and
+  // +inf make the row unusable (the caller flags them), so what they do to the sum does not matter.
+  template <int N>
+  __device__ __forceinline__ void add(const float (&v)[N], float top) {
+    if (top > max) {
+      sum *= __expf(max - top);  // 0 while max is -inf
+      max = top;
     }
+    if (max == -INFINITY) return;  // only -inf so far: no mass
+    // exp(v - max) as 2^(v log2(e) - max log2(e)): one fused multiply-add and one exp2 per value.
+    constexpr float kLog2e = 1.4426950408889634f;
+    const float shift = max * kLog2e;
+#pragma unroll
+    for (int j = 0; j < N; ++j) sum += exp2f(fmaf(v[j], kLog2e, -shift));
   }
 
   __device__ __forceinline__ void merge(float other_max, float other_sum) {
@@ -397,8 +421,9 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
 
   // One element per lane; `t < 0` marks an idle lane.
   auto consume_one = [&](float v, int64_t t) {
-    bad |= (v != v) || (v == INFINITY);
-    stats.add(v);
+    bad |= unusable_logit(v);
+    const float one[1] = {v};
+    stats.add(one, v);
     const bool candidate = t >= 0 && v > -INFINITY && v < INFINITY && top.admits(v, static_cast<int32_t>(t)) &&
                            to_canon[t] >= 0;
     top.push(candidate, v, static_cast<int32_t>(t));
@@ -437,20 +462,28 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
     const Vector vec = next;
     load(first + stride, next);
     float v[kVec];
-    bool any_candidate = false;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      v[j] = in_range ? to_float(vec.elem[j]) : -INFINITY;
-      bad |= (v[j] != v[j]) || (v[j] == INFINITY);
-      stats.add(v[j]);
-      any_candidate |= v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], static_cast<int32_t>(first + j));
+      const float x = to_float(vec.elem[j]);  // converted either way: a select, not a branch per entry
+      v[j] = in_range ? x : -INFINITY;
     }
-    if (__any_sync(kFullMask, any_candidate)) {
+    const float vector_max = max_keeping_nan(v);
+    bad |= unusable_logit(vector_max);
+    stats.add(v, vector_max);
+    // No entry can enter the list unless the largest reaches the threshold (with a NaN the row is unusable).
+    if (__any_sync(kFullMask, vector_max >= top.threshold_value)) {
+      bool candidate[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        candidate[j] = v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], static_cast<int32_t>(first + j));
+      }
+      // The vector's table lookups are issued together: one memory latency, not one per admitted entry.
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) candidate[j] = candidate[j] && to_canon[first + j] >= 0;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const int32_t t = static_cast<int32_t>(first + j);
-        const bool candidate = v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], t) && to_canon[t] >= 0;
-        top.push(candidate, v[j], t);
+        top.push(candidate[j] && top.admits(v[j], t), v[j], t);
       }
     }
   }
