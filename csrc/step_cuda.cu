@@ -44,6 +44,24 @@ LogitType logit_type(const at::Tensor& x) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Launches a kernel that begins with wait_for_previous_kernel() so that, on sm_90 and later, it may start
+// while the kernel before it on the stream finishes (programmatic dependent launch): its launch latency
+// overlaps that kernel's last blocks instead of following them.
+template <typename... Params, typename... Args>
+void launch_overlapping(void (*kernel)(Params...), dim3 grid, size_t shared_bytes, Args&&... args) {
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  config.attrs = &overlap;
+  config.numAttrs = at::cuda::getCurrentDeviceProperties()->major >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
 // One launch of topk_partial_kernel for every model whose logits are of type T (none if there are none).
 template <typename T, class List>
 void launch_partial(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon,
@@ -84,7 +102,6 @@ void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<a
   // One workspace for every model's partial results.
   auto workspace = at::empty({partial_floats(offsets[n], k)}, logits[0].options().dtype(at::kFloat));
   float* base = workspace.mutable_data_ptr<float>();
-  const auto stream = at::cuda::getCurrentCUDAStream();
   FinalizeArgs args{};
   std::vector<PartialView> parts;
   for (int i = 0; i < n; ++i) {
@@ -96,9 +113,8 @@ void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<a
   launch_partial<float, List>(logits, to_canon, parts, k, chunk_elems);
   launch_partial<__nv_bfloat16, List>(logits, to_canon, parts, k, chunk_elems);
   launch_partial<__half, List>(logits, to_canon, parts, k, chunk_elems);
-  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(n));
-  topk_finalize_kernel<List><<<grid, kThreads, 0, stream>>>(args, static_cast<int>(k));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_overlapping(topk_finalize_kernel<List>, dim3(static_cast<unsigned>(batch), static_cast<unsigned>(n)), 0,
+                     args, static_cast<int>(k));
 }
 
 // Runs steps 0-1 for several models: fills `out[i]` from `logits[i]`. The warp list is read from
@@ -162,11 +178,7 @@ UnionAverage launch_union_average(const std::vector<at::Tensor>& logits, const s
   args.model_probs = model_probs.mutable_data_ptr<float>();
   args.status = status.mutable_data_ptr<int32_t>();
 
-  if (batch > 0) {
-    union_average_kernel<<<static_cast<unsigned>(batch), kThreads, union_smem_bytes(width),
-                           at::cuda::getCurrentCUDAStream()>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (batch > 0) launch_overlapping(union_average_kernel, dim3(static_cast<unsigned>(batch)), union_smem_bytes(width), args);
   return {next_canon, next_ids, union_ids, union_probs, model_probs, status};
 }
 

@@ -48,6 +48,23 @@ __device__ __forceinline__ float max_keeping_nan(const float (&v)[N]) {
 // Whether a row holding `v` cannot vote (SPEC.md section 2: NaN or +inf logits).
 __device__ __forceinline__ bool unusable_logit(float v) { return v != v || v == INFINITY; }
 
+// Programmatic dependent launch (sm_90 and later; no-ops elsewhere). The finalize and union kernels are
+// launched so that they may start while the kernel before them on the stream finishes (step_cuda.cu,
+// launch_overlapping): they call wait_for_previous_kernel before any global read or write (their outputs may
+// reuse memory the kernel before still reads). The two top-k kernels call allow_next_kernel as they start,
+// so that the next kernel's launch overlaps their run.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // Running (max, sum of exp(x - max)) with -inf as the empty state.
 struct SoftmaxStats {
   float max = -INFINITY;
@@ -400,6 +417,7 @@ struct PartialArgs {
 
 template <typename T, class List>
 __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> args, int k, int64_t chunk_elems) {
+  allow_next_kernel();
   int m = 0;
   while (m + 1 < args.n && static_cast<int>(blockIdx.x) >= args.model[m + 1].first_chunk) ++m;
   const T* __restrict__ logits = args.model[m].logits;
@@ -521,6 +539,8 @@ struct FinalizeArgs {
 // One block per (row, model): merges the chunks of that row.
 template <class List>
 __global__ void __launch_bounds__(kThreads) topk_finalize_kernel(FinalizeArgs args, int k) {
+  allow_next_kernel();
+  wait_for_previous_kernel();
   __shared__ BlockScratch scratch;
   const int b = blockIdx.x, model = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -607,6 +627,7 @@ constexpr size_t union_smem_bytes(int width) {
 static_assert(union_smem_bytes(kMaxModels * kMaxK) <= 48 * 1024, "the union must fit the default shared memory");
 
 __global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args) {
+  wait_for_previous_kernel();
   UNITE_DYNAMIC_SHARED(smem);
   const int width = args.n * args.k;
   int32_t* candidate = reinterpret_cast<int32_t*>(smem);
