@@ -178,7 +178,8 @@ UnionAverage launch_union_average(const std::vector<at::Tensor>& logits, const s
   args.model_probs = model_probs.mutable_data_ptr<float>();
   args.status = status.mutable_data_ptr<int32_t>();
 
-  if (batch > 0) launch_overlapping(union_average_kernel, dim3(static_cast<unsigned>(batch)), union_smem_bytes(width), args);
+  if (batch > 0) launch_overlapping(union_average_kernel, dim3(static_cast<unsigned>(batch)), union_smem_bytes(n, width),
+                                    args);
   return {next_canon, next_ids, union_ids, union_probs, model_probs, status};
 }
 

@@ -620,28 +620,42 @@ struct UnionArgs {
   int32_t* status;
 };
 
-// Dynamic shared memory of union_average_kernel for a union width L = n * k.
-constexpr size_t union_smem_bytes(int width) {
-  return static_cast<size_t>(width) * (4 * sizeof(int32_t) + 4 * sizeof(float) + sizeof(int) + sizeof(bool));
+// Dynamic shared memory of union_average_kernel, for a union width L = n * k: 7 words per union slot (the
+// union and the choice) and, for each model gathered in the same pass, 9 bytes per slot (its token, its
+// q, whether the token is the model's own). As many models per pass as fit the default 48 KB.
+constexpr size_t kUnionBytesPerSlot = 3 * sizeof(int32_t) + 3 * sizeof(float) + sizeof(int);
+constexpr size_t kPassBytesPerSlot = sizeof(int32_t) + sizeof(float) + sizeof(bool);
+constexpr size_t kUnionSharedBytes = 48 * 1024;
+
+constexpr int union_models_per_pass(int n, int width) {
+  const size_t room = (kUnionSharedBytes - width * kUnionBytesPerSlot) / (width * kPassBytesPerSlot);
+  return room < static_cast<size_t>(n) ? static_cast<int>(room) : n;
 }
-static_assert(union_smem_bytes(kMaxModels * kMaxK) <= 48 * 1024, "the union must fit the default shared memory");
+
+constexpr size_t union_smem_bytes(int n, int width) {
+  return width * (kUnionBytesPerSlot + union_models_per_pass(n, width) * kPassBytesPerSlot);
+}
+static_assert(union_models_per_pass(kMaxModels, kMaxModels * kMaxK) >= 1 &&
+                  union_smem_bytes(kMaxModels, kMaxModels * kMaxK) <= kUnionSharedBytes,
+              "the union must fit the default shared memory");
 
 __global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args) {
   wait_for_previous_kernel();
   UNITE_DYNAMIC_SHARED(smem);
   const int width = args.n * args.k;
+  const int pass = union_models_per_pass(args.n, width);
   int32_t* candidate = reinterpret_cast<int32_t*>(smem);
   int32_t* first = candidate + width;
   int32_t* members = first + width;
-  int32_t* token = members + width;
-  float* q = reinterpret_cast<float*>(token + width);
-  float* p = q + width;
+  float* p = reinterpret_cast<float*>(members + width);
   float* scaled = p + width;
   float* sorted = scaled + width;
   int* order = reinterpret_cast<int*>(sorted + width);
-  bool* own = reinterpret_cast<bool*>(order + width);
+  int32_t* token = order + width;                            // [pass][width]
+  float* q = reinterpret_cast<float*>(token + pass * width);  // [pass][width]
+  bool* own = reinterpret_cast<bool*>(q + pass * width);      // [pass][width]
   __shared__ int size;
-  __shared__ float total;
+  __shared__ float total[kMaxModels];
   __shared__ int choice;
 
   const int64_t b = blockIdx.x;
@@ -682,38 +696,39 @@ __global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args)
   __syncthreads();
   const int union_size = size;
 
-  // Steps 3-5, one model at a time.
-  for (int i = 0; i < args.n; ++i) {
-    float* model_row = args.model_probs + (i * args.batch + b) * width;
-    if (row_status & (1 << i)) {
-      for (int j = threadIdx.x; j < width; j += blockDim.x) model_row[j] = 0.0f;
-      continue;
-    }
-    const ModelView m = args.model[i];
-    const float best = args.topk_logits[i][b * k];
-    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
-      const int32_t t = m.from_canon[members[j]];
+  // Steps 3-5, `pass` models at a time (usually all): their gathers and sums run side by side. A model
+  // left out of the row (status bit) gets q = 0, hence probabilities 0 and no share of p.
+  for (int pass_first = 0; pass_first < args.n; pass_first += pass) {
+    const int models = min(pass, args.n - pass_first);
+    for (int e = threadIdx.x; e < models * union_size; e += blockDim.x) {
+      const int g = e / union_size, j = e % union_size, i = pass_first + g;
+      const ModelView m = args.model[i];
+      const int32_t t = row_status & (1 << i) ? -1 : m.from_canon[members[j]];
       const bool present = t >= 0 && t < m.vocab;
-      token[j] = present ? t : -1;
-      own[j] = present && m.to_canon[t] == members[j];
-      q[j] = present ? expf(load_logit(m, b, t) - best) : 0.0f;
+      token[g * width + j] = present ? t : -1;
+      own[g * width + j] = present && m.to_canon[t] == members[j];
+      q[g * width + j] = present ? expf(load_logit(m, b, t) - args.topk_logits[i][b * k]) : 0.0f;
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
-      if (!owns_token(token, own, union_size, j)) q[j] = 0.0f;
+    for (int e = threadIdx.x; e < models * union_size; e += blockDim.x) {
+      const int g = e / union_size, j = e % union_size;
+      if (!owns_token(token + g * width, own + g * width, union_size, j)) q[g * width + j] = 0.0f;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {  // serial, in the CPU kernel's order
+    if (threadIdx.x < models) {  // one thread per model, serial, in the CPU kernel's order
       float sum = 0.0f;
-      for (int j = 0; j < union_size; ++j) sum += q[j];
-      total = sum;
+      for (int j = 0; j < union_size; ++j) sum += q[threadIdx.x * width + j];
+      total[threadIdx.x] = sum;
     }
     __syncthreads();
-    const float w = w_total > 0.0f ? args.weight[i] / w_total : 0.0f;
     for (int j = threadIdx.x; j < width; j += blockDim.x) {
-      const float prob = j < union_size && total > 0.0f ? q[j] / total : 0.0f;
-      model_row[j] = prob;
-      p[j] += w * prob;
+      for (int g = 0; g < models; ++g) {  // p accumulates model by model, as on the CPU
+        const int i = pass_first + g;
+        const float w = w_total > 0.0f ? args.weight[i] / w_total : 0.0f;
+        const float prob = j < union_size && total[g] > 0.0f ? q[g * width + j] / total[g] : 0.0f;
+        args.model_probs[(i * args.batch + b) * width + j] = prob;
+        p[j] += w * prob;
+      }
     }
     __syncthreads();
   }

@@ -32,13 +32,14 @@ from test_step import (
     assert_matches,
     assert_steps_agree,
     big_vocab_case,
+    many_models_case,
     random_case,
     random_cases,
 )
 
 import unite_ext
 from unite_ext import EnsembleStep
-from unite_ext._step_inputs import prepare_step_inputs
+from unite_ext._step_inputs import MAX_MODELS, prepare_step_inputs
 from unite_ext.step import CUDA_TOPK_LISTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,6 +175,21 @@ def test_emulated_cuda_step_on_longer_rows(dtype: torch.dtype, emulated_step: Pa
     cases = [first_rows(random_case(seed, dtype, (1000, 2047, 4097, 9001)), 3) for seed in seeds]
     runs = [
         Run(case, case.oracle(), warp_list, 2048 * (1 + i % 2))
+        for i, case in enumerate(cases)
+        for warp_list in CUDA_TOPK_LISTS
+    ]
+    assert_runs_match(emulated_step, tmp_path, runs, cpu=True)
+
+
+def test_emulated_cuda_step_with_many_models(emulated_step: Path, tmp_path: Path) -> None:
+    """8 and 16 models at k = 64: the union kernel gathers them in several passes (7 + 1, 8 x 2)."""
+    cases = [
+        many_models_case(models, dtype)
+        for models in (8, MAX_MODELS)
+        for dtype in (torch.float32, torch.float16)
+    ]
+    runs = [
+        Run(case, case.oracle(), warp_list, 8 * (1 + i))
         for i, case in enumerate(cases)
         for warp_list in CUDA_TOPK_LISTS
     ]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 import unite_ext
 from unite_ext import EnsembleStep
+from unite_ext._step_inputs import MAX_MODELS
 from unite_ext.benchmark import synthetic_tables
 from unite_ext.step import CUDA_TOPK_LISTS, CUDA_TOPK_VARIABLE
 
@@ -129,15 +130,21 @@ def _damage_rows(rng: random.Random, logits: Tensor, to_canon: Tensor) -> None:
 SMALL_VOCABS = (1, 2, 3, 6, 10, 31, 64, 100, 300)
 
 
-def random_case(seed: int, dtype: torch.dtype, vocab_choices: Sequence[int] = SMALL_VOCABS) -> StepCase:
-    """A random step: N 1..4, B 1..65, unequal vocabularies from ``vocab_choices`` (by default small ones,
-    some below k), k 1..64, ties, NaN/inf."""
+def random_case(
+    seed: int,
+    dtype: torch.dtype,
+    vocab_choices: Sequence[int] = SMALL_VOCABS,
+    models: int | None = None,
+    k: int | None = None,
+) -> StepCase:
+    """A random step: N 1..4 (or ``models``), B 1..65, unequal vocabularies from ``vocab_choices`` (by
+    default small ones, some below k), k 1..64 (or ``k``), ties, NaN/inf."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    n = rng.randint(1, 4)
+    n = models or rng.randint(1, 4)
     batch = rng.choice([1, 2, 3, 7, 16, 33, 65])
     vocab_sizes = [rng.choice(vocab_choices) for _ in range(n)]
-    k = rng.choice([1, 1, 2, 4, 10, 33, 64])
+    k = k or rng.choice([1, 1, 2, 4, 10, 33, 64])
     table_kind, to_canon, from_canon = _random_tables(rng, generator, vocab_sizes)
     integer_logits = rng.random() < 0.6  # small integers: ties everywhere
     logits = []
@@ -469,6 +476,20 @@ def test_big_vocabularies_match_float64_oracle(impl: str, sampling: bool, device
     assert [row.status for row in expected] == [0, 0, 2, 0, 1]
     assert all(row.choice_exact for row in expected)
     assert_matches(case.call(STEP_FUNCTIONS[impl], device), case, expected, f"{impl} on {device}")
+
+
+def many_models_case(models: int, dtype: torch.dtype) -> StepCase:
+    """A fresh random step with ``models`` models (up to MAX_MODELS) at k = 64: a union of up to 1,024
+    tokens, which the CUDA union kernel gathers in several passes (as many models as fit its shared
+    memory: 7 of 8, 2 of 16)."""
+    return random_case(random.SystemRandom().randrange(2**31), dtype, models=models, k=64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("models", [8, MAX_MODELS])
+def test_many_models_match_float64_oracle(models: int, device: str) -> None:
+    case = many_models_case(models, torch.float32)
+    assert_matches(case.call(unite_ext.ensemble_step, device), case, case.oracle(), f"op on {device}")
 
 
 def test_cpu_results_do_not_depend_on_the_thread_count() -> None:

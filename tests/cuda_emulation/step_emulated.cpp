@@ -172,8 +172,19 @@ void run_union(const Case& c, Outputs& out) {
   args.union_probs = out.union_probs.data();
   args.model_probs = out.model_probs.data();
   args.status = out.status.data();
+  // Exactly the shared memory the launcher requests, then a guard band that no block may write to.
+  constexpr size_t kGuardBytes = 256;
+  constexpr unsigned char kGuard = 0xA5;
+  const size_t shared_bytes = union_smem_bytes(args.n, args.n * args.k);
+  emu::dynamic_shared.assign(shared_bytes + kGuardBytes, kGuard);
   for (int64_t b = 0; b < batch; ++b) {
     emu::run_block(kThreads, dim3{static_cast<unsigned>(b), 1, 1}, [&] { union_average_kernel(args); });
+    for (size_t i = shared_bytes; i < emu::dynamic_shared.size(); ++i) {
+      if (emu::dynamic_shared[i] != kGuard) {
+        std::fprintf(stderr, "step_emulated: the union kernel wrote past its %zu bytes of shared memory\n", shared_bytes);
+        std::exit(1);
+      }
+    }
   }
 }
 
