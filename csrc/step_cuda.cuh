@@ -639,7 +639,9 @@ static_assert(union_models_per_pass(kMaxModels, kMaxModels * kMaxK) >= 1 &&
                   union_smem_bytes(kMaxModels, kMaxModels * kMaxK) <= kUnionSharedBytes,
               "the union must fit the default shared memory");
 
-__global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args) {
+// One block per row. The minimum of one block per SM lets ptxas use the registers it needs (left to its
+// default it held the kernel to 48 and spilled).
+__global__ void __launch_bounds__(kThreads, 1) union_average_kernel(UnionArgs args) {
   wait_for_previous_kernel();
   UNITE_DYNAMIC_SHARED(smem);
   const int width = args.n * args.k;
@@ -733,15 +735,27 @@ __global__ void __launch_bounds__(kThreads) union_average_kernel(UnionArgs args)
     __syncthreads();
   }
 
-  // Step 6.
-  if (threadIdx.x == 0) {
+  // Step 6: the largest p, the first (smallest canonical id) among equals; warp 0, lane by lane then
+  // across the lanes.
+  if (threadIdx.x < 32) {
     int best = -1;
-    if (w_total > 0.0f) {
-      for (int j = 0; j < union_size; ++j) {
-        if (best < 0 || p[j] > p[best]) best = j;
+    float best_p = 0.0f;
+    for (int j = threadIdx.x; w_total > 0.0f && j < union_size; j += 32) {
+      if (best < 0 || p[j] > best_p) {
+        best = j;
+        best_p = p[j];
       }
     }
-    choice = best;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const int other = __shfl_xor_sync(kFullMask, best, offset);
+      const float other_p = __shfl_xor_sync(kFullMask, best_p, offset);
+      if (other >= 0 && (best < 0 || other_p > best_p || (other_p == best_p && other < best))) {
+        best = other;
+        best_p = other_p;
+      }
+    }
+    if (threadIdx.x == 0) choice = best;
   }
   __syncthreads();
   if (args.temperature > 0.0f && choice >= 0) {
