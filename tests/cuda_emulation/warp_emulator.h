@@ -149,7 +149,7 @@ inline ThreadIndex emulated_block_index() { return {emu::block_index.x, emu::blo
 #define __host__
 #define __global__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __shared__ static  // one block at a time: a function-level static is the block's shared memory
 #define __restrict__ __restrict
 
