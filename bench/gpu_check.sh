@@ -56,6 +56,8 @@ step cuda_tests 200 "$PY" -m pytest tests/test_step.py -q --maxfail=15 -p no:cac
 # The targets first (N = 2, bf16, B = 1 and 64; both warp lists side by side), then the sanitizers.
 step bench_target 90 "$PY" bench/bench_step.py --device cuda --models 2 --dtypes bfloat16 --batch-sizes 1,64 \
   --cuda-topk bitonic --out "$OUT/bench_target.md"
+# Where the time of those steps goes, kernel by kernel (the profiler's timings; ncu below may lack counters).
+step timeline 60 "$PY" bench/gpu_exercise.py --timeline
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step racecheck_bitonic 120 env UNITE_EXT_CUDA_TOPK=bitonic \
@@ -79,6 +81,6 @@ echo "| step | result | time |"
 echo "| --- | --- | --- |"
 printf '%s\n' "${rows[@]}"
 grep -H -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck*.log "$OUT"/racecheck*.log 2>/dev/null
-for table in "$OUT/bench_target.md" "$OUT/bench_step.md"; do
+for table in "$OUT/bench_target.md" "$OUT/timeline.log" "$OUT/bench_step.md"; do
   [ -f "$table" ] && cat "$table"
 done
