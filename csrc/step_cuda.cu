@@ -6,7 +6,8 @@
 //                         max and sum of exponentials;
 //   topk_finalize_kernel  one block per (row, model) merges the chunks' lists and statistics;
 //   union_average_kernel  one block per row: union, gather, renormalise, average, choose.
-// Splitting each row over several blocks keeps the GPU busy when the batch is small. The kernels live in
+// Splitting each row over several blocks keeps the GPU busy when the batch is small. On sm_90 and later the
+// second and third kernels are launched to overlap the one before (launch_overlapping). The kernels live in
 // step_cuda.cuh; this file launches them.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -178,8 +179,9 @@ UnionAverage launch_union_average(const std::vector<at::Tensor>& logits, const s
   args.model_probs = model_probs.mutable_data_ptr<float>();
   args.status = status.mutable_data_ptr<int32_t>();
 
-  if (batch > 0) launch_overlapping(union_average_kernel, dim3(static_cast<unsigned>(batch)), union_smem_bytes(n, width),
-                                    args);
+  if (batch > 0) {
+    launch_overlapping(union_average_kernel, dim3(static_cast<unsigned>(batch)), union_smem_bytes(n, width), args);
+  }
   return {next_canon, next_ids, union_ids, union_probs, model_probs, status};
 }
 

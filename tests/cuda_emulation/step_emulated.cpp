@@ -181,7 +181,8 @@ void run_union(const Case& c, Outputs& out) {
     emu::run_block(kThreads, dim3{static_cast<unsigned>(b), 1, 1}, [&] { union_average_kernel(args); });
     for (size_t i = shared_bytes; i < emu::dynamic_shared.size(); ++i) {
       if (emu::dynamic_shared[i] != kGuard) {
-        std::fprintf(stderr, "step_emulated: the union kernel wrote past its %zu bytes of shared memory\n", shared_bytes);
+        std::fprintf(stderr, "step_emulated: the union kernel wrote past its %zu bytes of shared memory\n",
+                     shared_bytes);
         std::exit(1);
       }
     }
