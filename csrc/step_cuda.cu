@@ -85,7 +85,7 @@ void launch_partial(const std::vector<at::Tensor>& logits, const std::vector<at:
 // Runs steps 0-1 for several models with warp lists of type List: fills `out[i]` from `logits[i]`.
 template <class List>
 void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
-                 const std::vector<TopkView>& out) {
+                      const std::vector<TopkView>& out) {
   const int n = static_cast<int>(logits.size());
   const int64_t batch = logits[0].size(0);
   TORCH_CHECK(batch <= 65535, "unite_ext: the CUDA kernels take at most 65535 rows per call, got ", batch);

@@ -321,18 +321,25 @@ __device__ __forceinline__ void init_list(List& top, int k, BlockScratch& scratc
   top.init(k, scratch.pending_value[warp], scratch.pending_id[warp]);
 }
 
-// Writes a warp's first k entries and statistics to its row of the scratch.
+// Writes a warp's first k entries to value[0..k) and id[0..k).
 template <class List>
-__device__ __forceinline__ void store_list(const List& top, const SoftmaxStats& stats, BlockScratch& scratch) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+__device__ __forceinline__ void store_entries(const List& top, float* value, int32_t* id) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int s = 0; s < List::slots; ++s) {
     const int p = s * 32 + lane;
     if (p < top.k) {
-      scratch.value[warp][p] = top.value[s];
-      scratch.id[warp][p] = top.id[s];
+      value[p] = top.value[s];
+      id[p] = top.id[s];
     }
   }
+}
+
+// Writes a warp's first k entries and statistics to its row of the scratch.
+template <class List>
+__device__ __forceinline__ void store_list(const List& top, const SoftmaxStats& stats, BlockScratch& scratch) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  store_entries(top, scratch.value[warp], scratch.id[warp]);
   if (lane == 0) {
     scratch.max[warp] = stats.max;
     scratch.sum[warp] = stats.sum;
@@ -437,14 +444,27 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
   SoftmaxStats stats;
   bool bad = false;
 
-  // One element per lane; `t < 0` marks an idle lane.
-  auto consume_one = [&](float v, int64_t t) {
-    bad |= unusable_logit(v);
-    const float one[1] = {v};
-    stats.add(one, v);
-    const bool candidate = t >= 0 && v > -INFINITY && v < INFINITY && top.admits(v, static_cast<int32_t>(t)) &&
-                           to_canon[t] >= 0;
-    top.push(candidate, v, static_cast<int32_t>(t));
+  // Takes in a lane's consecutive logits v[j] of tokens first + j (-inf where the lane has none). Warp-collective.
+  auto consume = [&](const auto& v, int64_t first) {
+    constexpr int n = sizeof(v) / sizeof(float);
+    const float vector_max = max_keeping_nan(v);
+    bad |= unusable_logit(vector_max);
+    stats.add(v, vector_max);
+    // No entry can enter the list unless the largest reaches the threshold (with a NaN the row is unusable).
+    if (!__any_sync(kFullMask, vector_max >= top.threshold_value)) return;
+    bool candidate[n];
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      candidate[j] = v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], static_cast<int32_t>(first + j));
+    }
+    // The table lookups are issued together: one memory latency, not one per admitted entry.
+#pragma unroll
+    for (int j = 0; j < n; ++j) candidate[j] = candidate[j] && to_canon[first + j] >= 0;
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      const int32_t t = static_cast<int32_t>(first + j);
+      top.push(candidate[j] && top.admits(v[j], t), v[j], t);
+    }
   };
 
   // The unaligned head and tail of the chunk (fewer than kVec elements each) go to warp 0.
@@ -453,12 +473,12 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
   const int64_t body_begin = lo + head;
   const int64_t body_end = body_begin + (hi - body_begin) / kVec * kVec;
   if (warp == 0) {
-    const int64_t t = lo + lane;
-    const bool in_head = lane < head;
-    consume_one(in_head ? to_float(row[in_head ? t : lo]) : -INFINITY, in_head ? t : -1);
+    const int64_t head_t = lo + lane;
+    const float head_value[1] = {lane < head ? to_float(row[head_t]) : -INFINITY};
+    consume(head_value, head_t);
     const int64_t tail_t = body_end + lane;
-    const bool in_tail = tail_t < hi && lane < kVec;
-    consume_one(in_tail ? to_float(row[in_tail ? tail_t : lo]) : -INFINITY, in_tail ? tail_t : -1);
+    const float tail_value[1] = {tail_t < hi && lane < kVec ? to_float(row[tail_t]) : -INFINITY};
+    consume(tail_value, tail_t);
   }
 
   union Vector {
@@ -485,38 +505,13 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
       const float x = to_float(vec.elem[j]);  // converted either way: a select, not a branch per entry
       v[j] = in_range ? x : -INFINITY;
     }
-    const float vector_max = max_keeping_nan(v);
-    bad |= unusable_logit(vector_max);
-    stats.add(v, vector_max);
-    // No entry can enter the list unless the largest reaches the threshold (with a NaN the row is unusable).
-    if (__any_sync(kFullMask, vector_max >= top.threshold_value)) {
-      bool candidate[kVec];
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        candidate[j] = v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], static_cast<int32_t>(first + j));
-      }
-      // The vector's table lookups are issued together: one memory latency, not one per admitted entry.
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) candidate[j] = candidate[j] && to_canon[first + j] >= 0;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const int32_t t = static_cast<int32_t>(first + j);
-        top.push(candidate[j] && top.admits(v[j], t), v[j], t);
-      }
-    }
+    consume(v, first);
   }
 
   block_merge(top, stats, bad, scratch);
   if (warp == 0) {
     const int64_t slot = static_cast<int64_t>(b) * out.chunks + chunk;
-#pragma unroll
-    for (int s = 0; s < List::slots; ++s) {
-      const int p = s * 32 + lane;
-      if (p < k) {
-        out.value[slot * k + p] = top.value[s];
-        out.id[slot * k + p] = top.id[s];
-      }
-    }
+    store_entries(top, out.value + slot * k, out.id + slot * k);
     if (lane == 0) {
       out.max[slot] = stats.max;
       out.sum[slot] = stats.sum;
@@ -735,13 +730,13 @@ __global__ void __launch_bounds__(kThreads, 1) union_average_kernel(UnionArgs ar
     __syncthreads();
   }
 
-  // Step 6: the largest p, the first (smallest canonical id) among equals; warp 0, lane by lane then
-  // across the lanes.
+  // Step 6: the largest p, the first (smallest canonical id) among equals (ranks_before over union
+  // positions); warp 0, lane by lane then across the lanes.
   if (threadIdx.x < 32) {
     int best = -1;
     float best_p = 0.0f;
     for (int j = threadIdx.x; w_total > 0.0f && j < union_size; j += 32) {
-      if (best < 0 || p[j] > best_p) {
+      if (best < 0 || ranks_before(p[j], j, best_p, best)) {
         best = j;
         best_p = p[j];
       }
@@ -750,7 +745,7 @@ __global__ void __launch_bounds__(kThreads, 1) union_average_kernel(UnionArgs ar
     for (int offset = 16; offset > 0; offset >>= 1) {
       const int other = __shfl_xor_sync(kFullMask, best, offset);
       const float other_p = __shfl_xor_sync(kFullMask, best_p, offset);
-      if (other >= 0 && (best < 0 || other_p > best_p || (other_p == best_p && other < best))) {
+      if (other >= 0 && (best < 0 || ranks_before(other_p, other, best_p, best))) {
         best = other;
         best_p = other_p;
       }
@@ -766,7 +761,7 @@ __global__ void __launch_bounds__(kThreads, 1) union_average_kernel(UnionArgs ar
     __syncthreads();
     for (int j = threadIdx.x; j < union_size; j += blockDim.x) {
       int rank = 0;
-      for (int o = 0; o < union_size; ++o) rank += scaled[o] > scaled[j] || (scaled[o] == scaled[j] && o < j);
+      for (int o = 0; o < union_size; ++o) rank += ranks_before(scaled[o], o, scaled[j], j);
       order[rank] = j;
       sorted[rank] = scaled[j];
     }

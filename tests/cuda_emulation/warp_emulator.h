@@ -40,7 +40,7 @@ inline jmp_buf all_done;
 inline int current = 0;
 inline dim3 block_index;
 inline std::function<void()> kernel;
-inline std::vector<unsigned char> dynamic_shared(64 * 1024);
+inline std::vector<unsigned char> dynamic_shared;  // sized by the caller before a launch that uses it
 
 // Passes control from the current fiber to fiber `next`; returns when some fiber passes it back.
 // _setjmp/_longjmp rather than swapcontext: no signal-mask system call per switch.
