@@ -4,19 +4,24 @@ Short on purpose: compute-sanitizer (memcheck, racecheck) runs it. Exits non-zer
 With --profile it only runs the benchmark's target steps once each (N = 2, Qwen2 + Llama-3
 vocabularies, k = 10, bf16, B = 1 and 64: three kernel launches apiece), with each CUDA warp list, for
 `ncu` to read. With --timeline it times each kernel of those steps with the PyTorch profiler (no hardware
-counters needed, unlike ncu), eager and replayed from a CUDA graph, and prints a markdown table.
+counters needed, unlike ncu) and the host's time per call, eager (with and without the Python layer)
+and replayed from a CUDA graph, and prints a markdown table.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.autograd import DeviceType
 
 import unite_ext
+from unite_ext._ops import ops
+from unite_ext._step_inputs import prepare_step_inputs
 from unite_ext.benchmark import (
     MODEL_VOCAB_SIZES,
     NUM_CANONICAL,
@@ -91,26 +96,25 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def target_steps() -> Iterator[tuple[int, str, Callable[[], object]]]:
-    """(batch, warp list, step) for the benchmark's targets; the step runs under its warp list."""
+TargetStep = tuple[int, list[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+def target_steps() -> Iterator[TargetStep]:
+    """(batch, logits, tables) of the benchmark's targets: N = 2, bf16, B = 1 and 64, on the GPU."""
     generator = torch.Generator().manual_seed(0)
     vocab_sizes = MODEL_VOCAB_SIZES[:2]
     to_canon, from_canon = synthetic_tables(vocab_sizes, NUM_CANONICAL, generator)
     tables = ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon])
     for batch in (1, 64):
         logits = synthetic_logits(batch, vocab_sizes, torch.bfloat16, torch.device("cuda"), generator)
-        for warp_list in CUDA_TOPK_LISTS:
-
-            def step(warp_list: str = warp_list, logits: list[torch.Tensor] = logits) -> object:
-                with cuda_topk_list(warp_list):
-                    return unite_ext.ensemble_step(logits, tables, k=10)
-
-            yield batch, warp_list, step
+        yield batch, logits, tables
 
 
 def profile() -> int:
-    for _, _, step in target_steps():  # the kernels' names say which warp list they ran with
-        step()
+    for warp_list in CUDA_TOPK_LISTS:  # the kernels' names say which warp list they ran with
+        with cuda_topk_list(warp_list):
+            for _, logits, tables in target_steps():
+                unite_ext.ensemble_step(logits, tables, k=10)
     torch.cuda.synchronize()
     return 0
 
@@ -118,38 +122,67 @@ def profile() -> int:
 KERNELS = ("topk_partial", "topk_finalize", "union_average")  # one launch each per target step
 
 
-def timeline(repeats: int = 50) -> int:
-    """Median GPU time of each kernel of a step, and of the step's span (first kernel's start to last
-    kernel's end: launch gaps included), over ``repeats`` steps run one at a time. Where launches overlap
-    (sm_90 and later), a kernel's time includes its wait for the kernel before it."""
-    print("| B | warp list | mode | " + " | ".join(f"{name} (µs)" for name in KERNELS) + " | span (µs) |")
-    print("|---|---|---|" + "---|" * (len(KERNELS) + 1))
-    for batch, warp_list, step in target_steps():
-        for mode, run in (("eager", step), ("graph", cuda_graph_replay(step))):
-            for _ in range(5):
-                run()
+def host_microseconds(run: Callable[[], object], repeats: int) -> float:
+    """Host time per call of ``run`` over ``repeats`` calls queued without waiting for the GPU."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return seconds / repeats * 1e6
+
+
+def step_modes(
+    logits: list[torch.Tensor], tables: tuple[list[torch.Tensor], list[torch.Tensor]]
+) -> tuple[tuple[str, Callable[[], object]], ...]:
+    """The target step three ways: the public function, the compiled op on checked arguments (without the
+    Python layer's checks) and a CUDA-graph replay."""
+    step = functools.partial(unite_ext.ensemble_step, logits, tables, k=10)
+    args = prepare_step_inputs(logits, tables, 10, None, 0.0, 1.0, None, None)
+    op = functools.partial(ops.ensemble_step, *args)
+    return (("eager", step), ("op only", op), ("graph", cuda_graph_replay(step)))
+
+
+def kernel_timeline(run: Callable[[], object], repeats: int) -> str:
+    """The cells of one row of the table that timeline prints (see there)."""
+    for _ in range(5):
+        run()
+    host = host_microseconds(run, repeats)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as trace:
+        for _ in range(repeats):
+            run()
             torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as trace:
-                for _ in range(repeats):
-                    run()
-                    torch.cuda.synchronize()
-            kernels = [e for e in trace.events() if e.device_type == DeviceType.CUDA]
-            events = sorted(
-                (e for e in kernels if any(name in e.name for name in KERNELS)),
-                key=lambda e: e.time_range.start,
-            )
-            expected = repeats * len(KERNELS)
-            if len(events) != expected:
-                print(f"| {batch} | {warp_list} | {mode} | {len(events)} kernels seen, {expected} expected |")
-                continue
-            steps = [events[i : i + len(KERNELS)] for i in range(0, len(events), len(KERNELS))]
-            durations = [
-                statistics.median(e.time_range.elapsed_us() for s in steps for e in s if name in e.name)
-                for name in KERNELS
-            ]
-            span = statistics.median(s[-1].time_range.end - s[0].time_range.start for s in steps)
-            cells = " | ".join(f"{d:.1f}" for d in [*durations, span])
-            print(f"| {batch} | {warp_list} | {mode} | {cells} |")
+    kernels = [e for e in trace.events() if e.device_type == DeviceType.CUDA]
+    events = sorted(
+        (e for e in kernels if any(name in e.name for name in KERNELS)), key=lambda e: e.time_range.start
+    )
+    expected = repeats * len(KERNELS)
+    if len(events) != expected:
+        return f"{len(events)} kernels seen, {expected} expected |" + " |" * len(KERNELS) + f" {host:.1f}"
+    steps = [events[i : i + len(KERNELS)] for i in range(0, len(events), len(KERNELS))]
+    durations = [
+        statistics.median(e.time_range.elapsed_us() for s in steps for e in s if name in e.name)
+        for name in KERNELS
+    ]
+    span = statistics.median(s[-1].time_range.end - s[0].time_range.start for s in steps)
+    return " | ".join(f"{d:.1f}" for d in [*durations, span, host])
+
+
+def timeline(repeats: int = 50) -> int:
+    """Per mode (step_modes): median GPU time of each kernel of a step and of the step's span (first
+    kernel's start to last kernel's end: launch gaps included) over ``repeats`` steps run one at a time,
+    and the host's time per call over ``repeats`` calls queued back to back. Where launches overlap (sm_90
+    and later), a kernel's time includes its wait for the kernel before it. An eager step whose host time
+    exceeds its span is bound by the host."""
+    columns = [f"{name} (µs)" for name in KERNELS] + ["span (µs)", "host (µs)"]
+    print("| B | warp list | mode | " + " | ".join(columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
+    for warp_list in CUDA_TOPK_LISTS:
+        with cuda_topk_list(warp_list):
+            for batch, logits, tables in target_steps():
+                for mode, run in step_modes(logits, tables):
+                    print(f"| {batch} | {warp_list} | {mode} | {kernel_timeline(run, repeats)} |")
     return 0
 
 

@@ -82,38 +82,47 @@ void launch_partial(const std::vector<at::Tensor>& logits, const std::vector<at:
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs steps 0-1 for several models with warp lists of type List: fills `out[i]` from `logits[i]`.
-template <class List>
-void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
-                      const std::vector<TopkView>& out) {
-  const int n = static_cast<int>(logits.size());
+// How a top-k launch splits the rows of several models into blocks.
+struct TopkPlan {
+  int64_t chunk_elems;          // logits per block
+  std::vector<int64_t> chunks;  // blocks per row, per model
+  int64_t workspace_floats;     // partial results of every (row, chunk) of every model
+};
+
+TopkPlan plan_topk(const std::vector<at::Tensor>& logits, int64_t k) {
   const int64_t batch = logits[0].size(0);
   TORCH_CHECK(batch <= 65535, "unite_ext: the CUDA kernels take at most 65535 rows per call, got ", batch);
   int64_t total_vocab = 0;
   for (const auto& x : logits) total_vocab += x.size(1);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t chunk_elems =
-      ceil_div(std::max(kMinChunk, ceil_div(batch * total_vocab, int64_t{kBlocksPerSm} * sms)), 2048) * 2048;
-
-  std::vector<int64_t> chunks(n), offsets(n + 1, 0);
-  for (int i = 0; i < n; ++i) {
-    chunks[i] = ceil_div(logits[i].size(1), chunk_elems);
-    offsets[i + 1] = offsets[i] + batch * chunks[i];
+  const int64_t per_block = std::max(kMinChunk, ceil_div(batch * total_vocab, int64_t{kBlocksPerSm} * sms));
+  TopkPlan plan{ceil_div(per_block, 2048) * 2048, {}, 0};
+  for (const auto& x : logits) {
+    plan.chunks.push_back(ceil_div(x.size(1), plan.chunk_elems));
+    plan.workspace_floats += partial_floats(batch * plan.chunks.back(), k);
   }
-  // One workspace for every model's partial results.
-  auto workspace = at::empty({partial_floats(offsets[n], k)}, logits[0].options().dtype(at::kFloat));
-  float* base = workspace.mutable_data_ptr<float>();
+  return plan;
+}
+
+// Runs steps 0-1 for several models with warp lists of type List: fills `out[i]` from `logits[i]`, with
+// the partial results in `workspace` (plan.workspace_floats floats).
+template <class List>
+void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
+                      const std::vector<TopkView>& out, const TopkPlan& plan, float* workspace) {
+  const int n = static_cast<int>(logits.size());
+  const int64_t batch = logits[0].size(0);
   FinalizeArgs args{};
   std::vector<PartialView> parts;
   for (int i = 0; i < n; ++i) {
-    parts.push_back(partial_view(base + partial_floats(offsets[i], k), batch * chunks[i], k,
-                                 static_cast<int>(chunks[i])));
+    const int64_t slots = batch * plan.chunks[i];
+    parts.push_back(partial_view(workspace, slots, k, static_cast<int>(plan.chunks[i])));
+    workspace += partial_floats(slots, k);
     args.partial[i] = parts[i];
     args.out[i] = out[i];
   }
-  launch_partial<float, List>(logits, to_canon, parts, k, chunk_elems);
-  launch_partial<__nv_bfloat16, List>(logits, to_canon, parts, k, chunk_elems);
-  launch_partial<__half, List>(logits, to_canon, parts, k, chunk_elems);
+  launch_partial<float, List>(logits, to_canon, parts, k, plan.chunk_elems);
+  launch_partial<__nv_bfloat16, List>(logits, to_canon, parts, k, plan.chunk_elems);
+  launch_partial<__half, List>(logits, to_canon, parts, k, plan.chunk_elems);
   launch_overlapping(topk_finalize_kernel<List>, dim3(static_cast<unsigned>(batch), static_cast<unsigned>(n)), 0,
                      args, static_cast<int>(k));
 }
@@ -121,17 +130,17 @@ void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<a
 // Runs steps 0-1 for several models: fills `out[i]` from `logits[i]`. The warp list is read from
 // UNITE_EXT_CUDA_TOPK at every call ("insertion", the default, or "bitonic"); both give the same results.
 void launch_topk(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
-                 const std::vector<TopkView>& out) {
+                 const std::vector<TopkView>& out, const TopkPlan& plan, float* workspace) {
   const char* variable = std::getenv("UNITE_EXT_CUDA_TOPK");
   const std::string list = variable == nullptr || *variable == '\0' ? "insertion" : variable;
   TORCH_CHECK(list == "insertion" || list == "bitonic",
               "unite_ext: UNITE_EXT_CUDA_TOPK must be 'insertion' or 'bitonic', got '", list, "'");
   if (list == "bitonic") {
-    k <= 32 ? launch_topk_with<BitonicWarpList<1>>(logits, to_canon, k, out)
-            : launch_topk_with<BitonicWarpList<2>>(logits, to_canon, k, out);
+    k <= 32 ? launch_topk_with<BitonicWarpList<1>>(logits, to_canon, k, out, plan, workspace)
+            : launch_topk_with<BitonicWarpList<2>>(logits, to_canon, k, out, plan, workspace);
   } else {
-    k <= 32 ? launch_topk_with<InsertionWarpList<1>>(logits, to_canon, k, out)
-            : launch_topk_with<InsertionWarpList<2>>(logits, to_canon, k, out);
+    k <= 32 ? launch_topk_with<InsertionWarpList<1>>(logits, to_canon, k, out, plan, workspace)
+            : launch_topk_with<InsertionWarpList<2>>(logits, to_canon, k, out, plan, workspace);
   }
 }
 
@@ -196,9 +205,13 @@ TopkStats topk_stats_cuda(const at::Tensor& logits, const at::Tensor& to_canon, 
   auto values = at::empty({batch, k}, opts.dtype(at::kFloat));
   auto top1 = at::empty({batch}, opts.dtype(at::kFloat));
   if (batch > 0) {
-    launch_topk({logits.contiguous()}, {to_canon.contiguous()}, k,
+    const std::vector<at::Tensor> x{logits.contiguous()};
+    const TopkPlan plan = plan_topk(x, k);
+    auto workspace = at::empty({plan.workspace_floats}, opts.dtype(at::kFloat));
+    launch_topk(x, {to_canon.contiguous()}, k,
                 {TopkView{ids.mutable_data_ptr<int64_t>(), values.mutable_data_ptr<float>(),
-                          top1.mutable_data_ptr<float>()}});
+                          top1.mutable_data_ptr<float>()}},
+                plan, workspace.mutable_data_ptr<float>());
   }
   return {ids, values, top1};
 }
@@ -231,20 +244,23 @@ StepOutputs ensemble_step_cuda(at::TensorList logits_list, at::TensorList to_can
   const int n = static_cast<int>(logits.size());
   const int64_t batch = logits[0].size(0);
   auto opts = logits[0].options();
-  auto ids = at::empty({n, batch, k}, opts.dtype(at::kLong));
-  auto values = at::empty({n, batch, k}, opts.dtype(at::kFloat));
   auto top1 = at::empty({n, batch}, opts.dtype(at::kFloat));
+  // The top-k lists ([N, B, k] int64 ids, then float logits) and the partial results share one allocation,
+  // not three: at small B every allocation is a noticeable share of a step's host time.
+  const int64_t entries = n * batch * k;
+  const TopkPlan plan = plan_topk(logits, k);
+  auto scratch = at::empty({3 * entries + plan.workspace_floats}, opts.dtype(at::kFloat));
+  int64_t* ids = reinterpret_cast<int64_t*>(scratch.mutable_data_ptr<float>());
+  float* values = scratch.mutable_data_ptr<float>() + 2 * entries;
   std::vector<TopkView> views;
   std::vector<const int64_t*> id_ptrs;
   std::vector<const float*> value_ptrs;
   for (int i = 0; i < n; ++i) {
-    int64_t* id = ids.mutable_data_ptr<int64_t>() + i * batch * k;
-    float* value = values.mutable_data_ptr<float>() + i * batch * k;
-    views.push_back(TopkView{id, value, top1.mutable_data_ptr<float>() + i * batch});
-    id_ptrs.push_back(id);
-    value_ptrs.push_back(value);
+    views.push_back(TopkView{ids + i * batch * k, values + i * batch * k, top1.mutable_data_ptr<float>() + i * batch});
+    id_ptrs.push_back(views.back().ids);
+    value_ptrs.push_back(views.back().logits);
   }
-  if (batch > 0) launch_topk(logits, to_canon, k, views);
+  if (batch > 0) launch_topk(logits, to_canon, k, views, plan, values + entries);
   auto [next_canon, next_ids, union_ids, union_probs, model_probs, status] = launch_union_average(
       logits, to_canon, from_canon, id_ptrs, value_ptrs, k, weights, temperature, top_p, uniforms);
   return {next_canon, next_ids, union_ids, union_probs, model_probs, top1, status};
