@@ -30,6 +30,7 @@ from unite_ext.benchmark import (
     synthetic_logits,
     synthetic_tables,
 )
+from unite_ext.defaults import DEFAULT_K
 from unite_ext.step import CUDA_TOPK_LISTS
 
 # (vocabulary sizes, batch, k, dtype): odd sizes exercise unaligned rows, k > V empty slots, k > 32
@@ -100,7 +101,8 @@ TargetStep = tuple[int, list[torch.Tensor], tuple[list[torch.Tensor], list[torch
 
 
 def target_steps() -> Iterator[TargetStep]:
-    """(batch, logits, tables) of the benchmark's targets: N = 2, bf16, B = 1 and 64, on the GPU."""
+    """(batch, logits, tables) of the benchmark's targets: N = 2, bf16, B = 1 and 64, on the GPU (k is
+    DEFAULT_K, 10)."""
     generator = torch.Generator().manual_seed(0)
     vocab_sizes = MODEL_VOCAB_SIZES[:2]
     to_canon, from_canon = synthetic_tables(vocab_sizes, NUM_CANONICAL, generator)
@@ -114,7 +116,7 @@ def profile() -> int:
     for warp_list in CUDA_TOPK_LISTS:  # the kernels' names say which warp list they ran with
         with cuda_topk_list(warp_list):
             for _, logits, tables in target_steps():
-                unite_ext.ensemble_step(logits, tables, k=10)
+                unite_ext.ensemble_step(logits, tables, k=DEFAULT_K)
     torch.cuda.synchronize()
     return 0
 
@@ -138,8 +140,8 @@ def step_modes(
 ) -> tuple[tuple[str, Callable[[], object]], ...]:
     """The target step three ways: the public function, the compiled op on checked arguments (without the
     Python layer's checks) and a CUDA-graph replay."""
-    step = functools.partial(unite_ext.ensemble_step, logits, tables, k=10)
-    args = prepare_step_inputs(logits, tables, 10, None, 0.0, 1.0, None, None)
+    step = functools.partial(unite_ext.ensemble_step, logits, tables, k=DEFAULT_K)
+    args = prepare_step_inputs(logits, tables, DEFAULT_K, None, 0.0, 1.0, None, None)
     op = functools.partial(ops.ensemble_step, *args)
     return (("eager", step), ("op only", op), ("graph", cuda_graph_replay(step)))
 

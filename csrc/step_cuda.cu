@@ -66,7 +66,7 @@ void launch_overlapping(void (*kernel)(Params...), dim3 grid, size_t shared_byte
 // One launch of topk_partial_kernel for every model whose logits are of type T (none if there are none).
 template <typename T, class List>
 void launch_partial(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon,
-                    const std::vector<PartialView>& parts, int64_t k, int64_t chunk_elems) {
+                    const PartialView* parts, int64_t k, int64_t chunk_elems) {
   PartialArgs<T> args{};
   int chunks = 0;
   for (size_t i = 0; i < logits.size(); ++i) {
@@ -112,17 +112,11 @@ void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<a
   const int n = static_cast<int>(logits.size());
   const int64_t batch = logits[0].size(0);
   FinalizeArgs args{};
-  std::vector<PartialView> parts;
-  for (int i = 0; i < n; ++i) {
-    const int64_t slots = batch * plan.chunks[i];
-    parts.push_back(partial_view(workspace, slots, k, static_cast<int>(plan.chunks[i])));
-    workspace += partial_floats(slots, k);
-    args.partial[i] = parts[i];
-    args.out[i] = out[i];
-  }
-  launch_partial<float, List>(logits, to_canon, parts, k, plan.chunk_elems);
-  launch_partial<__nv_bfloat16, List>(logits, to_canon, parts, k, plan.chunk_elems);
-  launch_partial<__half, List>(logits, to_canon, parts, k, plan.chunk_elems);
+  lay_out_partials(workspace, n, plan.chunks.data(), batch, k, args.partial);
+  for (int i = 0; i < n; ++i) args.out[i] = out[i];
+  launch_partial<float, List>(logits, to_canon, args.partial, k, plan.chunk_elems);
+  launch_partial<__nv_bfloat16, List>(logits, to_canon, args.partial, k, plan.chunk_elems);
+  launch_partial<__half, List>(logits, to_canon, args.partial, k, plan.chunk_elems);
   launch_overlapping(topk_finalize_kernel<List>, dim3(static_cast<unsigned>(batch), static_cast<unsigned>(n)), 0,
                      args, static_cast<int>(k));
 }
@@ -135,13 +129,9 @@ void launch_topk(const std::vector<at::Tensor>& logits, const std::vector<at::Te
   const std::string list = variable == nullptr || *variable == '\0' ? "insertion" : variable;
   TORCH_CHECK(list == "insertion" || list == "bitonic",
               "unite_ext: UNITE_EXT_CUDA_TOPK must be 'insertion' or 'bitonic', got '", list, "'");
-  if (list == "bitonic") {
-    k <= 32 ? launch_topk_with<BitonicWarpList<1>>(logits, to_canon, k, out, plan, workspace)
-            : launch_topk_with<BitonicWarpList<2>>(logits, to_canon, k, out, plan, workspace);
-  } else {
-    k <= 32 ? launch_topk_with<InsertionWarpList<1>>(logits, to_canon, k, out, plan, workspace)
-            : launch_topk_with<InsertionWarpList<2>>(logits, to_canon, k, out, plan, workspace);
-  }
+  with_warp_list(list == "bitonic", k, [&](auto warp_list) {
+    launch_topk_with<decltype(warp_list)>(logits, to_canon, k, out, plan, workspace);
+  });
 }
 
 std::vector<at::Tensor> contiguous(at::TensorList list) {

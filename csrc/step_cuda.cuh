@@ -305,6 +305,17 @@ struct BitonicWarpList : WarpListBase<kSlots> {
   }
 };
 
+// Calls f(List{}) with the warp list a launch uses: bitonic or insertion, one slot per lane for k <= 32, two
+// for k <= 64.
+template <class F>
+void with_warp_list(bool bitonic, int64_t k, F&& f) {
+  if (bitonic) {
+    k <= 32 ? f(BitonicWarpList<1>{}) : f(BitonicWarpList<2>{});
+  } else {
+    k <= 32 ? f(InsertionWarpList<1>{}) : f(InsertionWarpList<2>{});
+  }
+}
+
 struct BlockScratch {
   float value[kWarps][kMaxK];
   int32_t id[kWarps][kMaxK];
@@ -393,14 +404,19 @@ struct PartialView {
 // sum, bad.
 inline int64_t partial_floats(int64_t slots, int64_t k) { return slots * (2 * k + 3); }
 
-// The partial results of `slots` slots laid out from `w` (partial_floats(slots, k) floats).
-inline PartialView partial_view(float* w, int64_t slots, int64_t k, int chunks) {
-  return PartialView{w,
-                     reinterpret_cast<int32_t*>(w + slots * k),
-                     w + slots * 2 * k,
-                     w + slots * (2 * k + 1),
-                     reinterpret_cast<int32_t*>(w + slots * (2 * k + 2)),
-                     chunks};
+// Lays out the partial results of n models one after another from `w` (partial_floats(batch * the models'
+// chunks, k) floats): model i has batch * chunks[i] slots.
+inline void lay_out_partials(float* w, int n, const int64_t* chunks, int64_t batch, int64_t k, PartialView* out) {
+  for (int i = 0; i < n; ++i) {
+    const int64_t slots = batch * chunks[i];
+    out[i] = PartialView{w,
+                         reinterpret_cast<int32_t*>(w + slots * k),
+                         w + slots * 2 * k,
+                         w + slots * (2 * k + 1),
+                         reinterpret_cast<int32_t*>(w + slots * (2 * k + 2)),
+                         static_cast<int>(chunks[i])};
+    w += partial_floats(slots, k);
+  }
 }
 
 // One model's share of a partial launch: its logits [B, vocab] (rows contiguous), its table, where its

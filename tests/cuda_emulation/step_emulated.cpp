@@ -104,24 +104,26 @@ struct Outputs {
   std::vector<int32_t> status;
 };
 
-// launch_topk_with: per model a [B, chunks] grid of partial results, one partial launch over every model's
-// chunks (all models of a case share its dtype), then one finalize block per (row, model).
+// launch_topk_with: the partial results of every model in one workspace, one partial launch over every
+// model's chunks (all models of a case share its dtype), then one finalize block per (row, model).
 template <typename T, class List>
 void run_topk(const Case& c, Outputs& out) {
   const int64_t n = c.n, batch = c.batch, k = c.k;
-  std::vector<std::vector<float>> workspaces(n);
-  PartialArgs<T> partial{};
-  FinalizeArgs finalize{};
+  std::vector<int64_t> model_chunks(n);
   int chunks = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t model_chunks = (c.vocab[i] + c.chunk_elems - 1) / c.chunk_elems;
-    const int64_t slots = batch * model_chunks;
-    workspaces[i].resize(partial_floats(slots, k));
-    const PartialView part = partial_view(workspaces[i].data(), slots, k, static_cast<int>(model_chunks));
+    model_chunks[i] = (c.vocab[i] + c.chunk_elems - 1) / c.chunk_elems;
+    chunks += static_cast<int>(model_chunks[i]);
+  }
+  std::vector<float> workspace(partial_floats(batch * chunks, k));
+  FinalizeArgs finalize{};
+  lay_out_partials(workspace.data(), static_cast<int>(n), model_chunks.data(), batch, k, finalize.partial);
+  PartialArgs<T> partial{};
+  int first_chunk = 0;
+  for (int64_t i = 0; i < n; ++i) {
     partial.model[partial.n++] = PartialModel<T>{reinterpret_cast<const T*>(c.logits[i].data()), c.vocab[i],
-                                                 c.to_canon[i].data(), part, chunks};
-    chunks += static_cast<int>(model_chunks);
-    finalize.partial[i] = part;
+                                                 c.to_canon[i].data(), finalize.partial[i], first_chunk};
+    first_chunk += static_cast<int>(model_chunks[i]);
     finalize.out[i] = TopkView{out.topk_ids.data() + i * batch * k, out.topk_logits.data() + i * batch * k,
                                out.top1.data() + i * batch};
   }
@@ -141,11 +143,7 @@ void run_topk(const Case& c, Outputs& out) {
 
 template <typename T>
 void run_topk_with_list(const Case& c, Outputs& out) {
-  if (c.warp_list == 1) {
-    c.k <= 32 ? run_topk<T, BitonicWarpList<1>>(c, out) : run_topk<T, BitonicWarpList<2>>(c, out);
-  } else {
-    c.k <= 32 ? run_topk<T, InsertionWarpList<1>>(c, out) : run_topk<T, InsertionWarpList<2>>(c, out);
-  }
+  with_warp_list(c.warp_list == 1, c.k, [&](auto warp_list) { run_topk<T, decltype(warp_list)>(c, out); });
 }
 
 // launch_union_average: one block per row.
