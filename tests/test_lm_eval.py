@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -198,10 +196,8 @@ def test_registration_and_entry_point():
     from lm_eval.api.registry import get_model
 
     assert get_model("unite") is UniteLM
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    target = pyproject["project"]["entry-points"]["lm_eval.models"]["unite"]
-    module, _, name = target.partition(":")
-    assert getattr(importlib.import_module(module), name) is UniteLM
+    (entry_point,) = importlib.metadata.entry_points(group="lm_eval.models", name="unite")
+    assert entry_point.load() is UniteLM
 
 
 @pytest.mark.parametrize(
