@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Runs the test suite against the oldest versions pyproject.toml accepts, every ">=" floor of its
-# dependencies pinned exactly, in .floors/ (a virtual environment and a copy of the working tree).
-# CPU kernels only: the floor torch is a CUDA 12 build, which the CUDA 13 toolkit cannot compile
-# against; scripts/test.sh compiles the CUDA sources against the torch it pins.
+# Runs the test suite against the oldest versions pyproject.toml accepts: every ">=" floor of its
+# dependencies and of its lm_eval extra pinned exactly, in .floors/ (a virtual environment and a copy of
+# the working tree). CPU kernels only: the floor torch is a CUDA 12 build, which the CUDA 13 toolkit
+# cannot compile against; scripts/test.sh compiles the CUDA sources against the torch it pins.
 #   PYTHON=python3.10 bash scripts/test_floors.sh   # the oldest Python too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# The dependency list of pyproject.toml, one requirement a line; each must name its floor.
-requirements=$(sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*"' | tr -d '"')
+# The dependencies of pyproject.toml and its lm_eval extra, one requirement a line; each must name its floor.
+requirements=$({ sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml; grep '^lm_eval = \[' pyproject.toml; } |
+  grep -o '"[^"]*"' | tr -d '"')
 pins=()
 for requirement in $requirements; do
   [[ $requirement == *">="* && $requirement != *","* ]] || {
