@@ -19,6 +19,8 @@ for requirement in $requirements; do
   }
   pins+=("${requirement/>=/==}")
 done
+# pyarrow (under lm_eval's datasets) imports with numpy 2 only from release 26 on, without saying so.
+pins+=("pyarrow<26")
 echo "floors: ${pins[*]}"
 
 # A copy of the working tree, so that its build does not replace the extension .venv loads.
