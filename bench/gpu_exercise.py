@@ -189,5 +189,8 @@ def timeline(repeats: int = 50) -> int:
 
 
 if __name__ == "__main__":
-    modes = {"--profile": profile, "--timeline": timeline}
-    sys.exit(modes[sys.argv[1]]() if sys.argv[1:2] and sys.argv[1] in modes else main())
+    modes = {(): main, ("--profile",): profile, ("--timeline",): timeline}
+    arguments = tuple(sys.argv[1:])
+    if arguments not in modes:  # a mistyped option must not run the sanitizers' exercise instead
+        sys.exit(f"usage: {sys.argv[0]} [--profile | --timeline], got {' '.join(arguments)}")
+    sys.exit(modes[arguments]())

@@ -30,15 +30,17 @@ mkdir -p .floors/src
 git ls-files --cached --others --exclude-standard | while IFS= read -r path; do
   [ -e "$path" ] && printf '%s\n' "$path"
 done | tar -cf - -T - | tar -xf - -C .floors/src
+# The copy's ../shared is not the repository's: name the tokenizer folder the tests would have found.
 export UNITE_EXT_TOKENIZERS=${UNITE_EXT_TOKENIZERS:-$root/../shared/tokenizers}
 
 venv=$root/.floors/venv
 [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q "${pins[@]}" ninja setuptools wheel pytest
-"$venv/bin/python" -m pip check
+"$venv/bin/python" -m pip install -q "${pins[@]}" ninja setuptools wheel
 cd .floors/src
-UNITE_EXT_CUDA=0 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+# The test extra comes from pyproject.toml too; pip keeps the pins, which already satisfy unite_ext.
+UNITE_EXT_CUDA=0 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$venv/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
+"$venv/bin/python" -m pip check
 "$venv/bin/python" -c "import sys, torch, transformers, tokenizers; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__)"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -459,7 +459,9 @@ def test_model_order_does_not_change_the_canonical_space(
             assert torch.equal(a, b)
 
 
-def test_sentencepiece_layouts_give_the_same_tables(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_sentencepiece_layouts_give_the_same_tables(
+    real: Callable[[str], ModelReference], tokenizer_dir: Path, tmp_path: Path
+) -> None:
     """The Llama-2 tokenizer.json file uses a Prepend + Replace normalizer; transformers 5 loads it with
     a Metaspace pre-tokenizer instead (4.x keeps the file's). Both are the same tokenizer mid-text."""
     normalizer_layout = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir / "llama2")
@@ -470,6 +472,10 @@ def test_sentencepiece_layouts_give_the_same_tables(tokenizer_dir: Path, tmp_pat
     metaspace.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="\u2581", prepend_scheme="first", split=False
     )
+    loaded = real("llama2").tokenizer.backend_tokenizer
+    if loaded.normalizer is None:  # this transformers rebuilds the layout: it must be the one built above
+        assert str(loaded.pre_tokenizer) == str(metaspace.backend_tokenizer.pre_tokenizer)
+        assert str(loaded.decoder) == str(metaspace.backend_tokenizer.decoder)
     a = VocabTables.from_tokenizers([metaspace], cache_dir=tmp_path)
     b = VocabTables.from_tokenizers([normalizer_layout], cache_dir=tmp_path)
     assert a.kinds == b.kinds == [SENTENCEPIECE_BYTE_FALLBACK]
