@@ -47,16 +47,25 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tokenizer_dir: Path) -> dict[str, PreTrainedTokenizerBase]:
+def toy_tokenizers() -> dict[str, PreTrainedTokenizerBase]:
+    """Byte-level and SentencePiece-style BPE tokenizers trained here on `CORPUS`."""
+    return {
+        "toy_byte": train_byte_level_bpe(CORPUS, vocab_size=400),
+        "toy_sp": train_sentencepiece_bpe(CORPUS, vocab_size=400),
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizers(
+    tokenizer_dir: Path, toy_tokenizers: dict[str, PreTrainedTokenizerBase]
+) -> dict[str, PreTrainedTokenizerBase]:
     from transformers import AutoTokenizer
 
     real = {
         name: AutoTokenizer.from_pretrained(tokenizer_dir / name)
         for name in ("gpt2", "qwen2", "llama2", "mistral")
     }
-    real["toy_byte"] = train_byte_level_bpe(CORPUS, vocab_size=400)
-    real["toy_sp"] = train_sentencepiece_bpe(CORPUS, vocab_size=400)
-    return real
+    return {**real, **toy_tokenizers}
 
 
 def real_vocab_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
@@ -279,6 +288,63 @@ def _common_prefix(a: list[int], b: list[int]) -> list[int]:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return a[:n]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("architecture", "overrides"),
+    [
+        ("mistral", {"attn_implementation": "sdpa"}),  # every layer slides
+        ("mistral", {"attn_implementation": "eager"}),
+        ("gemma2", {"attn_implementation": "eager"}),  # sliding and full layers alternate
+        ("qwen2", {"attn_implementation": "sdpa", "use_sliding_window": True, "max_window_layers": 1}),
+    ],
+)
+def test_sliding_windows_count_tokens_not_cache_slots(
+    toy_tokenizers, architecture: str, overrides: dict, device: str
+) -> None:
+    """Padding and rolled-back slots sit between a batch row's tokens; a window of 6 tokens must still
+    hold the row's last 6 tokens, as in a fresh pass over them."""
+    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
+    window = 6
+    models = [
+        tiny_model_for_tokenizer(architecture, tokenizer, seed=30 + n, sliding_window=window, **overrides).to(
+            device
+        )
+        for n, tokenizer in enumerate(toks)
+    ]
+    layer_types = getattr(models[0].config, "layer_types", None) or ["sliding_attention"]
+    assert "sliding_attention" in layer_types
+    ensemble = Ensemble(models, toks, k=4, sync="exact")
+    recorder = Recorder(keep_logits=True)
+    ensemble.generate(PROMPTS, max_new_tokens=24, batch_size=4, on_step=recorder, progress=False)
+    uneven = 0  # steps where rows fed or rolled back different numbers of tokens: slots between tokens
+    for trace in recorder.traces:
+        for i, model in enumerate(models):
+            fed, dropped = set(), set()
+            for b, row in enumerate(trace.rows):
+                with torch.no_grad():
+                    fresh = model(torch.tensor([trace.tokens[i][b]], device=device)).logits[0, -1]
+                torch.testing.assert_close(trace.logits[i][b], fresh, atol=2e-4, rtol=1e-4)
+                continuation = recorder.continuations[row, i][trace.step]
+                previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
+                kept = len(_common_prefix(previous, continuation))
+                fed.add(len(continuation) - kept)
+                dropped.add(len(previous) - kept)
+            uneven += trace.step > 0 and (len(fed) > 1 or len(dropped) > 1)
+    assert uneven > 0
+    assert min(len(t) for t in recorder.traces[-1].tokens[0]) > 3 * window
+
+
+def test_sliding_windows_over_cache_slots_are_refused(toy_tokenizers) -> None:
+    tokenizer = toy_tokenizers["toy_byte"]
+    model = tiny_model_for_tokenizer(
+        "mistral", tokenizer, sliding_window=6, attn_implementation="flex_attention"
+    )
+    with pytest.raises(ValueError, match=r"models\[0\].*sliding-window layers.*flex_attention"):
+        Ensemble([model], [tokenizer])
+    model.config.sliding_window = None  # no window: the 2-D mask serves every implementation
+    Ensemble([model], [tokenizer])
 
 
 def test_end_of_sequence_ends_a_row(tokenizers) -> None:

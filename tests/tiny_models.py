@@ -9,9 +9,12 @@ distributions are peaked and greedy generations do not collapse into one repeate
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
@@ -32,7 +35,8 @@ from unite_ext.toy_tokenizers import (
     train_sentencepiece_bpe,
 )
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2")
+# gemma2 alternates sliding-window and full-attention layers.
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2", "gemma2")
 
 # Scale of the normal initialisation of all weights (HF default is 0.02, which gives near-uniform logits).
 INITIALIZER_RANGE = 0.2
@@ -47,13 +51,18 @@ def tiny_config(
     num_heads: int = 4,
     eos_token_id: int | list[int] | None = None,
     bos_token_id: int | None = None,
+    **overrides: Any,
 ) -> PretrainedConfig:
-    """Config of a tiny model of `architecture` (one of `ARCHITECTURES`) with `vocab_size` logits."""
+    """Config of a tiny model of `architecture` (one of `ARCHITECTURES`) with `vocab_size` logits.
+
+    `overrides` are further config arguments (e.g. `sliding_window`, `attn_implementation`).
+    """
     common = {
         "vocab_size": vocab_size,
         "initializer_range": INITIALIZER_RANGE,
         "eos_token_id": eos_token_id,
         "bos_token_id": bos_token_id,
+        **overrides,
     }
     if architecture == "gpt2":
         return GPT2Config(
@@ -72,6 +81,7 @@ def tiny_config(
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_heads // 2,  # grouped-query attention, as in the real models
+        "head_dim": hidden_size // num_heads,
         "max_position_embeddings": 1024,
         **common,
     }
@@ -81,6 +91,8 @@ def tiny_config(
         return Qwen2Config(**decoder)
     if architecture == "mistral":
         return MistralConfig(**decoder)
+    if architecture == "gemma2":
+        return Gemma2Config(**decoder)
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
 
 
@@ -89,6 +101,7 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2": Qwen2ForCausalLM,
     "mistral": MistralForCausalLM,
     "gpt2": GPT2LMHeadModel,
+    "gemma2": Gemma2ForCausalLM,
 }
 
 
@@ -102,10 +115,12 @@ def tiny_causal_lm(
     eos_token_id: int | list[int] | None = None,
     bos_token_id: int | None = None,
     dtype: torch.dtype = torch.float32,
+    **overrides: Any,
 ) -> PreTrainedModel:
     """A tiny causal LM with random weights drawn with `seed`, in eval mode.
 
-    `eos_token_id` goes into both the config and the generation config (as Hugging Face checkpoints do).
+    `eos_token_id` goes into both the config and the generation config (as Hugging Face checkpoints do);
+    `overrides` go to `tiny_config`.
     """
     config = tiny_config(
         architecture,
@@ -114,6 +129,7 @@ def tiny_causal_lm(
         num_layers=num_layers,
         eos_token_id=eos_token_id,
         bos_token_id=bos_token_id,
+        **overrides,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

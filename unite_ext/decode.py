@@ -4,6 +4,10 @@ Each step every model runs only on its new tokens with its own KV cache, one `en
 next canonical token, and every model's continuation is extended as ``SPEC.md`` section 3 says. Rows of a
 batch can roll back different numbers of tokens (``sync="exact"``): the dropped cache slots are masked
 per row, and cropped once no row keeps them. Finished rows leave the batch.
+
+Masked slots sit between a row's tokens, so cache slots are not token positions. Attention that slides a
+window over cache slots (Hugging Face's "sdpa" and "eager" masks) would then see fewer than the window's
+tokens; models with sliding-window layers get 4-D masks built from the tokens' positions instead.
 """
 
 from __future__ import annotations
@@ -101,6 +105,71 @@ class _Member:
         # transformers >= 5.x calls the KV cache argument `cache`, earlier versions `past_key_values`.
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.keeps_last_logits = "logits_to_keep" in parameters
+        self.window = _slot_window(
+            self.name, model.config.get_text_config(), model.get_input_embeddings().weight.dtype
+        )
+
+
+# Attention implementations whose masks Hugging Face builds over cache slots. Flash attention packs each
+# row's attended tokens together before it applies its window, so it counts tokens already.
+_SLOT_MASKED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A model's sliding window, for the 4-D masks `_ModelBatch.forward` builds by token position."""
+
+    size: int
+    mixed: bool  # full-attention layers too: the model takes a mask per layer type
+    additive: torch.dtype | None  # eager attention adds its mask (floats of this dtype); sdpa takes booleans
+
+
+def _slot_window(name: str, config: Any, dtype: torch.dtype) -> _Window | None:
+    """The sliding window of `config`'s layers where the model would apply it over cache slots, else None."""
+    size = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    if not size or not getattr(config, "use_sliding_window", True) or "sliding_attention" not in layer_types:
+        return None
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _SLOT_MASKED_ATTENTION:
+        if implementation and implementation.startswith("flash_attention"):
+            return None
+        raise ValueError(
+            f"{name} has sliding-window layers and attn_implementation={implementation!r}, whose window "
+            "would count the masked cache slots (padding, rolled-back tokens) between a row's tokens; load "
+            'it with attn_implementation="sdpa", "eager" or "flash_attention_2"'
+        )
+    if not layer_types <= {"full_attention", "sliding_attention"}:
+        raise ValueError(
+            f"{name} mixes sliding-window layers with {sorted(layer_types)} layers; the ensemble can give "
+            "exact attention masks only to full-attention and sliding-window layers"
+        )
+    return _Window(
+        int(size), mixed=len(layer_types) > 1, additive=dtype if implementation == "eager" else None
+    )
+
+
+def _position_masks(keys: Tensor, queries: Tensor, window: _Window) -> Tensor | dict[str, Tensor]:
+    """4-D masks [B, 1, chunk, slots] that attend by token position, not by cache slot.
+
+    `keys[b, s]` is the position of the token in slot `s` of row `b` (-1: not attended); `queries[b, c]`
+    that of the chunk's token `c` (a padding query takes the position of the row's first fed token, so
+    it attends to at least that token). Hugging Face's sliding window keeps keys less than `size` behind.
+    """
+    keys, queries = keys[:, None, None, :], queries[:, None, :, None]
+    causal = (keys >= 0) & (keys <= queries)
+    masks = {"sliding_attention": causal & (keys > queries - window.size)}
+    if window.mixed:
+        masks["full_attention"] = causal
+    if window.additive is not None:
+        minimum = torch.finfo(window.additive).min
+        masks = {
+            kind: torch.zeros(visible.shape, dtype=window.additive, device=visible.device).masked_fill_(
+                ~visible, minimum
+            )
+            for kind, visible in masks.items()
+        }
+    return masks if window.mixed else masks["sliding_attention"]
 
 
 def _end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -118,19 +187,20 @@ def _end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 
 class _ModelBatch:
-    """One model's state over one batch: its KV cache, the key mask and, per row, tokens and cache slots.
+    """One model's state over one batch: its KV cache, the keys' positions and, per row, tokens and slots.
 
     `slots[b]` lists the cache slot of every token row `b` keeps (prompt then continuation), so its
-    length is the position of the row's next token. Other slots of the row (left padding, padding
-    inside a chunk, rolled-back tokens) have mask 0. The mask lives in a host buffer that grows by
-    doubling; its first `length` columns describe the cache.
+    length is the position of the row's next token. `key_positions[b, s]` is the position of the token
+    in slot `s`, -1 for the row's other slots (left padding, padding inside a chunk, rolled-back tokens),
+    which no query attends. It lives in a host buffer that grows by doubling; its first `length` columns
+    describe the cache.
     """
 
     def __init__(self, member: _Member, prompts: list[list[int]], stream: torch.cuda.Stream | None):
         self.member = member
         self.stream = stream
         self.cache = DynamicCache()
-        self.mask = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long)
+        self.key_positions = torch.full((len(prompts), max(len(p) for p in prompts)), -1, dtype=torch.long)
         self.length = 0
         self.prompts = prompts
         self.continuations = [Continuation() for _ in prompts]
@@ -143,33 +213,39 @@ class _ModelBatch:
         """
         batch, length = len(feeds), self.length
         chunk = max(len(f) for f in feeds)
-        if length + chunk > self.mask.shape[1]:
-            grown = torch.zeros(batch, max(2 * self.mask.shape[1], length + chunk), dtype=torch.long)
-            grown[:, :length] = self.mask[:, :length]
-            self.mask = grown
-        ids, positions, chunk_mask = [], [], []
+        if length + chunk > self.key_positions.shape[1]:
+            grown = torch.full((batch, max(2 * self.key_positions.shape[1], length + chunk)), -1)
+            grown[:, :length] = self.key_positions[:, :length]
+            self.key_positions = grown
+        ids, positions, chunk_keys = [], [], []
         for feed, slots in zip(feeds, self.slots, strict=True):
             pad = chunk - len(feed)
             start = len(slots)
+            fed = list(range(start, start + len(feed)))
             ids.append([self.member.pad_token_id] * pad + feed)
-            positions.append([start] * pad + list(range(start, start + len(feed))))
-            chunk_mask.append([0] * pad + [1] * len(feed))
+            positions.append([start] * pad + fed)
+            chunk_keys.append([-1] * pad + fed)
             slots.extend(range(length + pad, length + chunk))
         self.length = length + chunk
-        inputs = torch.tensor(ids + positions + chunk_mask)  # [3B, chunk]: ids, positions, mask
-        self.mask[:, length : self.length] = inputs[2 * batch :]
-        mask = self.mask[:, : self.length]
+        inputs = torch.tensor(ids + positions + chunk_keys)  # [3B, chunk]: ids, positions, key positions
+        self.key_positions[:, length : self.length] = inputs[2 * batch :]
+        keys = self.key_positions[:, : self.length]
         device = self.member.input_device
         if device.type != "cpu":  # one host-to-device copy for all three
-            packed = torch.cat([inputs[:batch], inputs[batch : 2 * batch], mask], 1).to(
+            packed = torch.cat([inputs[:batch], inputs[batch : 2 * batch], keys], 1).to(
                 device, non_blocking=True
             )
             inputs = torch.cat([packed[:, :chunk], packed[:, chunk : 2 * chunk]])
-            mask = packed[:, 2 * chunk :]
+            keys = packed[:, 2 * chunk :]
+        window = self.member.window
         kwargs: dict[str, Any] = {
             "input_ids": inputs[:batch],
             "position_ids": inputs[batch : 2 * batch],
-            "attention_mask": mask,
+            "attention_mask": (
+                (keys >= 0).long()
+                if window is None
+                else _position_masks(keys, inputs[batch : 2 * batch], window)
+            ),
             self.member.cache_argument: self.cache,
             "use_cache": True,
         }
@@ -181,7 +257,7 @@ class _ModelBatch:
         """Drop the last `count` tokens of `row` (their cache slots are masked)."""
         dropped = self.slots[row][-count:]
         del self.slots[row][-count:]
-        self.mask[row, dropped] = 0
+        self.key_positions[row, dropped] = -1
 
     def crop(self) -> None:
         """Remove the trailing cache slots that no row keeps."""
@@ -193,7 +269,7 @@ class _ModelBatch:
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only `rows` of the batch (finished rows stop costing compute)."""
         self.cache.batch_select_indices(torch.tensor(rows))
-        self.mask = self.mask[rows]
+        self.key_positions = self.key_positions[rows]
         self.prompts = [self.prompts[b] for b in rows]
         self.continuations = [self.continuations[b] for b in rows]
         self.slots = [self.slots[b] for b in rows]
