@@ -336,6 +336,33 @@ def test_sliding_windows_count_tokens_not_cache_slots(
     assert min(len(t) for t in recorder.traces[-1].tokens[0]) > 3 * window
 
 
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "kind"),
+    [
+        ("mamba", {"state_size": 4, "expand": 2}, "linear_attention|recurrent"),  # a state-space model
+        ("lfm2", {"layer_types": ["conv", "full_attention"]}, "conv"),  # short convolutions and attention
+    ],
+)
+def test_recurrent_models_are_refused(toy_tokenizers, model_type: str, overrides: dict, kind: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = toy_tokenizers["toy_byte"]
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=rf"models\[0\].*'?({kind})'? layers.*only attention models"):
+        Ensemble([model], [tokenizer])
+
+
 def test_sliding_windows_over_cache_slots_are_refused(toy_tokenizers) -> None:
     tokenizer = toy_tokenizers["toy_byte"]
     model = tiny_model_for_tokenizer(

@@ -105,9 +105,27 @@ class _Member:
         # transformers >= 5.x calls the KV cache argument `cache`, earlier versions `past_key_values`.
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.keeps_last_logits = "logits_to_keep" in parameters
-        self.window = _slot_window(
-            self.name, model.config.get_text_config(), model.get_input_embeddings().weight.dtype
-        )
+        config = model.config.get_text_config()
+        if recurrent := _recurrent_layers(model, config):
+            raise ValueError(
+                f"{self.name} has {recurrent} layers: their state carries every token read so far, so the "
+                "ensemble cannot take back the padding and rolled-back tokens that it masks in a KV cache; "
+                "only attention models can be ensembled"
+            )
+        self.window = _slot_window(self.name, config, model.get_input_embeddings().weight.dtype)
+
+
+# Hugging Face's layer types that carry a state from token to token (state-space, linear-attention and
+# convolution layers) instead of keeping one KV-cache slot per token.
+_RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding")
+
+
+def _recurrent_layers(model: PreTrainedModel, config: Any) -> str:
+    """The kinds of `model`'s recurrent layers ("" when it has none), named for an error message."""
+    kinds = sorted(set(getattr(config, "layer_types", None) or []) & set(_RECURRENT_LAYER_TYPES))
+    if not kinds and getattr(model, "_is_stateful", False):  # models without layer_types (Mamba, RWKV)
+        kinds = ["recurrent"]
+    return " and ".join(repr(kind) for kind in kinds)
 
 
 # Attention implementations whose masks Hugging Face builds over cache slots. Flash attention packs each
