@@ -290,31 +290,29 @@ def _common_prefix(a: list[int], b: list[int]) -> list[int]:
     return a[:n]
 
 
+# Windows and chunks of 6 tokens, well below the rows' lengths.
+LOCAL_ATTENTION_CASES = [
+    ("mistral", "sliding_attention", {"sliding_window": 6, "attn_implementation": "sdpa"}),  # all layers
+    ("mistral", "sliding_attention", {"sliding_window": 6, "attn_implementation": "eager"}),
+    ("gemma2", "sliding_attention", {"sliding_window": 6, "attn_implementation": "eager"}),  # and full
+    ("qwen2", "sliding_attention", {"sliding_window": 6, "use_sliding_window": True, "max_window_layers": 1}),
+    ("llama4", "chunked_attention", {"attention_chunk_size": 6, "attn_implementation": "sdpa"}),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    ("architecture", "overrides"),
-    [
-        ("mistral", {"attn_implementation": "sdpa"}),  # every layer slides
-        ("mistral", {"attn_implementation": "eager"}),
-        ("gemma2", {"attn_implementation": "eager"}),  # sliding and full layers alternate
-        ("qwen2", {"attn_implementation": "sdpa", "use_sliding_window": True, "max_window_layers": 1}),
-    ],
-)
-def test_sliding_windows_count_tokens_not_cache_slots(
-    toy_tokenizers, architecture: str, overrides: dict, device: str
+@pytest.mark.parametrize(("architecture", "layer_type", "overrides"), LOCAL_ATTENTION_CASES)
+def test_local_attention_counts_tokens_not_cache_slots(
+    toy_tokenizers, architecture: str, layer_type: str, overrides: dict, device: str
 ) -> None:
     """Padding and rolled-back slots sit between a batch row's tokens; a window of 6 tokens must still
-    hold the row's last 6 tokens, as in a fresh pass over them."""
+    hold the row's last 6 tokens, and a chunk its 6 positions, as in a fresh pass over the tokens."""
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
-    window = 6
     models = [
-        tiny_model_for_tokenizer(architecture, tokenizer, seed=30 + n, sliding_window=window, **overrides).to(
-            device
-        )
+        tiny_model_for_tokenizer(architecture, tokenizer, seed=30 + n, **overrides).to(device)
         for n, tokenizer in enumerate(toks)
     ]
-    layer_types = getattr(models[0].config, "layer_types", None) or ["sliding_attention"]
-    assert "sliding_attention" in layer_types
+    assert layer_type in (getattr(models[0].config, "layer_types", None) or ["sliding_attention"])
     ensemble = Ensemble(models, toks, k=4, sync="exact")
     recorder = Recorder(keep_logits=True)
     ensemble.generate(PROMPTS, max_new_tokens=24, batch_size=4, on_step=recorder, progress=False)
@@ -333,7 +331,7 @@ def test_sliding_windows_count_tokens_not_cache_slots(
                 dropped.add(len(previous) - kept)
             uneven += trace.step > 0 and (len(fed) > 1 or len(dropped) > 1)
     assert uneven > 0
-    assert min(len(t) for t in recorder.traces[-1].tokens[0]) > 3 * window
+    assert min(len(t) for t in recorder.traces[-1].tokens[0]) > 3 * 6
 
 
 @pytest.mark.parametrize(
@@ -363,15 +361,18 @@ def test_recurrent_models_are_refused(toy_tokenizers, model_type: str, overrides
         Ensemble([model], [tokenizer])
 
 
-def test_sliding_windows_over_cache_slots_are_refused(toy_tokenizers) -> None:
+@pytest.mark.parametrize(("architecture", "layer_type", "overrides"), LOCAL_ATTENTION_CASES[::4])
+def test_local_attention_over_cache_slots_is_refused(
+    toy_tokenizers, architecture: str, layer_type: str, overrides: dict
+) -> None:
     tokenizer = toy_tokenizers["toy_byte"]
-    model = tiny_model_for_tokenizer(
-        "mistral", tokenizer, sliding_window=6, attn_implementation="flex_attention"
-    )
-    with pytest.raises(ValueError, match=r"models\[0\].*sliding-window layers.*flex_attention"):
+    flex = {**overrides, "attn_implementation": "flex_attention"}
+    model = tiny_model_for_tokenizer(architecture, tokenizer, **flex)
+    with pytest.raises(ValueError, match=rf"models\[0\].*{layer_type} layers.*flex_attention"):
         Ensemble([model], [tokenizer])
-    model.config.sliding_window = None  # no window: the 2-D mask serves every implementation
-    Ensemble([model], [tokenizer])
+    local = [name for name in ("sliding_window", "attention_chunk_size") if name in overrides]
+    plain = tiny_model_for_tokenizer(architecture, tokenizer, **{**flex, **dict.fromkeys(local)})
+    Ensemble([plain], [tokenizer])  # no local attention: the 2-D mask serves every implementation
 
 
 def test_end_of_sequence_ends_a_row(tokenizers) -> None:

@@ -18,6 +18,8 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -35,8 +37,8 @@ from unite_ext.toy_tokenizers import (
     train_sentencepiece_bpe,
 )
 
-# gemma2 alternates sliding-window and full-attention layers.
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2", "gemma2")
+# gemma2 alternates sliding-window and full-attention layers; llama4 (mixture of experts) has chunked ones.
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2", "gemma2", "llama4")
 
 # Scale of the normal initialisation of all weights (HF default is 0.02, which gives near-uniform logits).
 INITIALIZER_RANGE = 0.2
@@ -93,6 +95,8 @@ def tiny_config(
         return MistralConfig(**decoder)
     if architecture == "gemma2":
         return Gemma2Config(**decoder)
+    if architecture == "llama4":
+        return Llama4TextConfig(intermediate_size_mlp=2 * hidden_size, num_local_experts=2, **decoder)
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
 
 
@@ -102,6 +106,7 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "mistral": MistralForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "gemma2": Gemma2ForCausalLM,
+    "llama4": Llama4ForCausalLM,
 }
 
 

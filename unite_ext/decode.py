@@ -5,9 +5,9 @@ next canonical token, and every model's continuation is extended as ``SPEC.md`` 
 batch can roll back different numbers of tokens (``sync="exact"``): the dropped cache slots are masked
 per row, and cropped once no row keeps them. Finished rows leave the batch.
 
-Masked slots sit between a row's tokens, so cache slots are not token positions. Attention that slides a
-window over cache slots (Hugging Face's "sdpa" and "eager" masks) would then see fewer than the window's
-tokens; models with sliding-window layers get 4-D masks built from the tokens' positions instead.
+Masked slots sit between a row's tokens, so cache slots are not token positions. Local attention laid over
+cache slots (Hugging Face's "sdpa" and "eager" masks for sliding-window and chunked layers) would then see
+fewer tokens than it should; models with such layers get 4-D masks built from the tokens' positions.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class _Member:
                 "ensemble cannot take back the padding and rolled-back tokens that it masks in a KV cache; "
                 "only attention models can be ensembled"
             )
-        self.window = _slot_window(self.name, config, model.get_input_embeddings().weight.dtype)
+        self.local_attention = _local_attention(self.name, config, model.get_input_embeddings().weight.dtype)
 
 
 # Hugging Face's layer types that carry a state from token to token (state-space, linear-attention and
@@ -129,65 +129,81 @@ def _recurrent_layers(model: PreTrainedModel, config: Any) -> str:
 
 
 # Attention implementations whose masks Hugging Face builds over cache slots. Flash attention packs each
-# row's attended tokens together before it applies its window, so it counts tokens already.
+# row's attended tokens together before it slides its window, so it counts tokens already.
 _SLOT_MASKED_ATTENTION = ("sdpa", "eager")
+# Layers that attend to nearby tokens only: a window of the last `sliding_window` tokens, or the
+# `attention_chunk_size` tokens of the chunk of positions the query is in (Llama 4).
+_LOCAL_LAYER_SIZES = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
 
 
 @dataclass(frozen=True)
-class _Window:
-    """A model's sliding window, for the 4-D masks `_ModelBatch.forward` builds by token position."""
+class _LocalAttention:
+    """A model's local-attention layers, for the 4-D masks `_ModelBatch.forward` builds by token position."""
 
-    size: int
-    mixed: bool  # full-attention layers too: the model takes a mask per layer type
+    sizes: dict[str, int | None]  # each layer type of the model -> its window or chunk size (None: full)
     additive: torch.dtype | None  # eager attention adds its mask (floats of this dtype); sdpa takes booleans
 
 
-def _slot_window(name: str, config: Any, dtype: torch.dtype) -> _Window | None:
-    """The sliding window of `config`'s layers where the model would apply it over cache slots, else None."""
-    size = getattr(config, "sliding_window", None)
-    layer_types = set(getattr(config, "layer_types", None) or ["sliding_attention"])
-    if not size or not getattr(config, "use_sliding_window", True) or "sliding_attention" not in layer_types:
+def _local_attention(name: str, config: Any, dtype: torch.dtype) -> _LocalAttention | None:
+    """`config`'s local-attention layers where the model would lay them over cache slots, else None."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:  # models without layer types slide a window in every layer if they have one
+        uses_window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        layer_types = ["sliding_attention"] if uses_window else []
+    kinds = set(layer_types)
+    local = kinds & set(_LOCAL_LAYER_SIZES)
+    if not local:
         return None
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in _SLOT_MASKED_ATTENTION:
-        if implementation and implementation.startswith("flash_attention"):
+        if local == {"sliding_attention"} and str(implementation).startswith("flash_attention"):
             return None
         raise ValueError(
-            f"{name} has sliding-window layers and attn_implementation={implementation!r}, whose window "
-            "would count the masked cache slots (padding, rolled-back tokens) between a row's tokens; load "
-            'it with attn_implementation="sdpa", "eager" or "flash_attention_2"'
+            f"{name} has {' and '.join(sorted(local))} layers and attn_implementation={implementation!r}, "
+            "which would lay them over cache slots, counting the masked slots (padding, rolled-back tokens) "
+            'between a row\'s tokens; load it with attn_implementation="sdpa" or "eager"'
+            + (' (or "flash_attention_2")' if local == {"sliding_attention"} else "")
         )
-    if not layer_types <= {"full_attention", "sliding_attention"}:
+    if not kinds <= {"full_attention", *local}:
         raise ValueError(
-            f"{name} mixes sliding-window layers with {sorted(layer_types)} layers; the ensemble can give "
-            "exact attention masks only to full-attention and sliding-window layers"
+            f"{name} mixes {sorted(local)} layers with {sorted(kinds - local)} layers; the ensemble can give "
+            "exact attention masks only to full-attention, sliding-window and chunked layers"
         )
-    return _Window(
-        int(size), mixed=len(layer_types) > 1, additive=dtype if implementation == "eager" else None
+    sizes = {kind: int(getattr(config, _LOCAL_LAYER_SIZES[kind])) for kind in local}
+    return _LocalAttention(
+        {kind: sizes.get(kind) for kind in sorted(kinds)},
+        additive=dtype if implementation == "eager" else None,
     )
 
 
-def _position_masks(keys: Tensor, queries: Tensor, window: _Window) -> Tensor | dict[str, Tensor]:
-    """4-D masks [B, 1, chunk, slots] that attend by token position, not by cache slot.
+def _position_masks(keys: Tensor, queries: Tensor, local: _LocalAttention) -> Tensor | dict[str, Tensor]:
+    """4-D masks [B, 1, chunk, slots] that attend by token position, not by cache slot: one per layer type,
+    or a single one for a model whose layers are all of one type.
 
     `keys[b, s]` is the position of the token in slot `s` of row `b` (-1: not attended); `queries[b, c]`
     that of the chunk's token `c` (a padding query takes the position of the row's first fed token, so
-    it attends to at least that token). Hugging Face's sliding window keeps keys less than `size` behind.
+    it attends to at least that token). As in Hugging Face's masks, a sliding window keeps keys less than
+    its size behind, and a chunked layer keeps the keys in the query's chunk of positions.
     """
     keys, queries = keys[:, None, None, :], queries[:, None, :, None]
     causal = (keys >= 0) & (keys <= queries)
-    masks = {"sliding_attention": causal & (keys > queries - window.size)}
-    if window.mixed:
-        masks["full_attention"] = causal
-    if window.additive is not None:
-        minimum = torch.finfo(window.additive).min
+    masks = {}
+    for kind, size in local.sizes.items():
+        if kind == "sliding_attention":
+            masks[kind] = causal & (keys > queries - size)
+        elif kind == "chunked_attention":
+            masks[kind] = causal & (keys // size == queries // size)
+        else:
+            masks[kind] = causal
+    if local.additive is not None:
+        minimum = torch.finfo(local.additive).min
         masks = {
-            kind: torch.zeros(visible.shape, dtype=window.additive, device=visible.device).masked_fill_(
+            kind: torch.zeros(visible.shape, dtype=local.additive, device=visible.device).masked_fill_(
                 ~visible, minimum
             )
             for kind, visible in masks.items()
         }
-    return masks if window.mixed else masks["sliding_attention"]
+    return masks if len(masks) > 1 else next(iter(masks.values()))
 
 
 def _end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -255,14 +271,14 @@ class _ModelBatch:
             )
             inputs = torch.cat([packed[:, :chunk], packed[:, chunk : 2 * chunk]])
             keys = packed[:, 2 * chunk :]
-        window = self.member.window
+        local = self.member.local_attention
         kwargs: dict[str, Any] = {
             "input_ids": inputs[:batch],
             "position_ids": inputs[batch : 2 * batch],
             "attention_mask": (
                 (keys >= 0).long()
-                if window is None
-                else _position_masks(keys, inputs[batch : 2 * batch], window)
+                if local is None
+                else _position_masks(keys, inputs[batch : 2 * batch], local)
             ),
             self.member.cache_argument: self.cache,
             "use_cache": True,
