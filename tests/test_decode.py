@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from tiny_models import tiny_causal_lm, tiny_model_for_tokenizer
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -296,7 +297,15 @@ LOCAL_ATTENTION_CASES = [
     ("mistral", "sliding_attention", {"sliding_window": 6, "attn_implementation": "eager"}),
     ("gemma2", "sliding_attention", {"sliding_window": 6, "attn_implementation": "eager"}),  # and full
     ("qwen2", "sliding_attention", {"sliding_window": 6, "use_sliding_window": True, "max_window_layers": 1}),
-    ("llama4", "chunked_attention", {"attention_chunk_size": 6, "attn_implementation": "sdpa"}),
+    pytest.param(
+        "llama4",
+        "chunked_attention",
+        {"attention_chunk_size": 6, "attn_implementation": "sdpa"},
+        marks=pytest.mark.skipif(
+            int(transformers.__version__.split(".")[0]) < 5,
+            reason="transformers 4.x's Llama 4 does not match a fresh pass after one cached step",
+        ),
+    ),
 ]
 
 
