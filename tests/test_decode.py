@@ -291,6 +291,27 @@ def _common_prefix(a: list[int], b: list[int]) -> list[int]:
     return a[:n]
 
 
+def steps_with_slots_between_tokens(recorder: Recorder, models: list[PreTrainedModel], device: str) -> int:
+    """Checks every row's logits at every recorded step against a fresh pass over the row's tokens, and
+    counts the steps where rows of a batch fed or rolled back different numbers of tokens (which leaves
+    masked cache slots between a row's tokens)."""
+    uneven = 0
+    for trace in recorder.traces:
+        for i, model in enumerate(models):
+            fed, dropped = set(), set()
+            for b, row in enumerate(trace.rows):
+                with torch.no_grad():
+                    fresh = model(torch.tensor([trace.tokens[i][b]], device=device)).logits[0, -1]
+                torch.testing.assert_close(trace.logits[i][b], fresh, atol=2e-4, rtol=1e-4)
+                continuation = recorder.continuations[row, i][trace.step]
+                previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
+                kept = len(_common_prefix(previous, continuation))
+                fed.add(len(continuation) - kept)
+                dropped.add(len(previous) - kept)
+            uneven += trace.step > 0 and (len(fed) > 1 or len(dropped) > 1)
+    return uneven
+
+
 # Windows and chunks of 6 tokens, well below the rows' lengths.
 LOCAL_ATTENTION_CASES = [
     ("mistral", "sliding_attention", {"sliding_window": 6, "attn_implementation": "sdpa"}),  # all layers
@@ -325,22 +346,30 @@ def test_local_attention_counts_tokens_not_cache_slots(
     ensemble = Ensemble(models, toks, k=4, sync="exact")
     recorder = Recorder(keep_logits=True)
     ensemble.generate(PROMPTS, max_new_tokens=24, batch_size=4, on_step=recorder, progress=False)
-    uneven = 0  # steps where rows fed or rolled back different numbers of tokens: slots between tokens
-    for trace in recorder.traces:
-        for i, model in enumerate(models):
-            fed, dropped = set(), set()
-            for b, row in enumerate(trace.rows):
-                with torch.no_grad():
-                    fresh = model(torch.tensor([trace.tokens[i][b]], device=device)).logits[0, -1]
-                torch.testing.assert_close(trace.logits[i][b], fresh, atol=2e-4, rtol=1e-4)
-                continuation = recorder.continuations[row, i][trace.step]
-                previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
-                kept = len(_common_prefix(previous, continuation))
-                fed.add(len(continuation) - kept)
-                dropped.add(len(previous) - kept)
-            uneven += trace.step > 0 and (len(fed) > 1 or len(dropped) > 1)
-    assert uneven > 0
+    assert steps_with_slots_between_tokens(recorder, models, device) > 0
     assert min(len(t) for t in recorder.traces[-1].tokens[0]) > 3 * 6
+
+
+def test_slot_distance_models_decode_one_row_at_a_time(toy_tokenizers) -> None:
+    """MPT's ALiBi grows with the distance in cache slots: batches of rows are refused, and one row at a
+    time gives the logits of a fresh pass (a batch of one row never masks a slot between its tokens)."""
+    from transformers import MptConfig, MptForCausalLM
+
+    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(40)
+        mpt = MptForCausalLM(
+            MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=len(toks[0]), max_seq_len=1024)
+        ).eval()
+    mpt.generation_config.eos_token_id = toks[0].eos_token_id
+    models = [mpt, tiny_model_for_tokenizer("llama", toks[1], seed=41)]
+    ensemble = Ensemble(models, toks, k=4, sync="exact")
+    with pytest.raises(ValueError, match=r"models\[0\].*cache slots.*batch_size=1"):
+        ensemble.generate(PROMPTS, max_new_tokens=4, batch_size=2, progress=False)
+    recorder = Recorder(keep_logits=True)
+    ensemble.generate(PROMPTS, max_new_tokens=16, batch_size=1, on_step=recorder, progress=False)
+    assert steps_with_slots_between_tokens(recorder, models, "cpu") == 0
+    ensemble.generate(PROMPTS[:1], max_new_tokens=4, batch_size=8, progress=False)  # one row is one batch
 
 
 @pytest.mark.parametrize(

@@ -113,8 +113,12 @@ class _Member:
                 "only attention models can be ensembled"
             )
         self.local_attention = _local_attention(self.name, config, model.get_input_embeddings().weight.dtype)
+        self.distances_by_slot = config.model_type in _SLOT_DISTANCE_MODELS
 
 
+# Models whose attention bias grows with the distance in cache slots (MPT's ALiBi takes no position
+# ids), which masked slots between a batch row's tokens would stretch.
+_SLOT_DISTANCE_MODELS = ("mpt",)
 # Hugging Face's layer types that carry a state from token to token (state-space, linear-attention and
 # convolution layers) instead of keeping one KV-cache slot per token.
 _RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding")
@@ -596,6 +600,11 @@ class Ensemble:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size > 1 and len(rows) > 1 and (slotted := [m for m in self.members if m.distances_by_slot]):
+            raise ValueError(
+                f"{slotted[0].name} biases attention by distances in cache slots, which the masked padding "
+                "and rolled-back slots between a batch row's tokens would stretch; use batch_size=1"
+            )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
