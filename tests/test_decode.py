@@ -13,47 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from decode_checks import CORPUS, PROMPTS, Recorder, common_prefix, steps_with_slots_between_tokens
 from tiny_models import tiny_causal_lm, tiny_model_for_tokenizer
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 import unite_ext.decode
 import unite_ext.step
-from unite_ext.decode import Ensemble, Generation, StepTrace
-from unite_ext.toy_tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
+from unite_ext.decode import Ensemble, Generation
+from unite_ext.toy_tokenizers import train_byte_level_bpe
 
 CUDA = pytest.param(
     "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 )
 DEVICES = ["cpu", CUDA]
 
-PROMPTS = [
-    "The capital of France is",
-    "Hi",
-    " leading space and a\nnewline",
-    "Ünïcödé — 東京 and emoji 🙂 in one prompt",
-]
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Tokenizers split text into pieces; ensembles must agree on the bytes.",
-    'In 1990, James wrote: "hello, world" — and then 42 more lines.\n',
-    "Naïve café déjà vu, 東京タワー, emoji 🙂 and tabs\tbetween words.",
-    "def main():\n    return sum(x * x for x in range(10))\n",
-] * 4
-
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def toy_tokenizers() -> dict[str, PreTrainedTokenizerBase]:
-    """Byte-level and SentencePiece-style BPE tokenizers trained here on `CORPUS`."""
-    return {
-        "toy_byte": train_byte_level_bpe(CORPUS, vocab_size=400),
-        "toy_sp": train_sentencepiece_bpe(CORPUS, vocab_size=400),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +59,6 @@ def real_vocab_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-
-
-class Recorder:
-    """Collects, per row and model, the continuation tokens the model holds before every step."""
-
-    def __init__(self, keep_logits: bool = False):
-        self.continuations: dict[tuple[int, int], list[list[int]]] = defaultdict(list)
-        self.traces: list[StepTrace] = []
-        self.keep_logits = keep_logits
-
-    def __call__(self, trace: StepTrace) -> None:
-        for i, (tokens, lengths) in enumerate(zip(trace.tokens, trace.prompt_lengths, strict=True)):
-            for b, row in enumerate(trace.rows):
-                self.continuations[row, i].append(tokens[b][lengths[b] :])
-        if self.keep_logits:
-            self.traces.append(trace)
 
 
 def hf_suppressed_tokens(ensemble: Ensemble, i: int) -> list[int]:
@@ -275,41 +236,13 @@ def test_continuations_match_the_tokenizers_and_a_fresh_forward(
                     fresh = model(ids, logits_to_keep=1).logits[0, -1]
                 torch.testing.assert_close(trace.logits[i][b], fresh, atol=2e-4, rtol=1e-4)
                 previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
-                dropped.append(len(previous) - len(_common_prefix(previous, continuation)))
+                dropped.append(len(previous) - len(common_prefix(previous, continuation)))
             rollbacks += sum(d > 0 for d in dropped)
             rows_disagree += len(set(dropped)) > 1
     if sync == "exact":
         assert rollbacks > 0 and rows_disagree > 0  # the masked (per-row) rollback path ran
     else:
         assert rollbacks == 0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> list[int]:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
-
-
-def steps_with_slots_between_tokens(recorder: Recorder, models: list[PreTrainedModel], device: str) -> int:
-    """Checks every row's logits at every recorded step against a fresh pass over the row's tokens, and
-    counts the steps where rows of a batch fed or rolled back different numbers of tokens (which leaves
-    masked cache slots between a row's tokens)."""
-    uneven = 0
-    for trace in recorder.traces:
-        for i, model in enumerate(models):
-            fed, dropped = set(), set()
-            for b, row in enumerate(trace.rows):
-                with torch.no_grad():
-                    fresh = model(torch.tensor([trace.tokens[i][b]], device=device)).logits[0, -1]
-                torch.testing.assert_close(trace.logits[i][b], fresh, atol=2e-4, rtol=1e-4)
-                continuation = recorder.continuations[row, i][trace.step]
-                previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
-                kept = len(_common_prefix(previous, continuation))
-                fed.add(len(continuation) - kept)
-                dropped.add(len(previous) - kept)
-            uneven += trace.step > 0 and (len(fed) > 1 or len(dropped) > 1)
-    return uneven
 
 
 # Windows and chunks of 6 tokens, well below the rows' lengths.

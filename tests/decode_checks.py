@@ -1,0 +1,70 @@
+"""Shared pieces of the decoding-loop tests: prompts, a corpus to train tokenizers on, a recorder of the
+steps, and the check of a run's logits against fresh forward passes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import PreTrainedModel
+
+from unite_ext.decode import StepTrace
+
+PROMPTS = [
+    "The capital of France is",
+    "Hi",
+    " leading space and a\nnewline",
+    "Ünïcödé — 東京 and emoji 🙂 in one prompt",
+]
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Tokenizers split text into pieces; ensembles must agree on the bytes.",
+    'In 1990, James wrote: "hello, world" — and then 42 more lines.\n',
+    "Naïve café déjà vu, 東京タワー, emoji 🙂 and tabs\tbetween words.",
+    "def main():\n    return sum(x * x for x in range(10))\n",
+] * 4
+
+
+class Recorder:
+    """Collects, per row and model, the continuation tokens the model holds before every step."""
+
+    def __init__(self, keep_logits: bool = False):
+        self.continuations: dict[tuple[int, int], list[list[int]]] = defaultdict(list)
+        self.traces: list[StepTrace] = []
+        self.keep_logits = keep_logits
+
+    def __call__(self, trace: StepTrace) -> None:
+        for i, (tokens, lengths) in enumerate(zip(trace.tokens, trace.prompt_lengths, strict=True)):
+            for b, row in enumerate(trace.rows):
+                self.continuations[row, i].append(tokens[b][lengths[b] :])
+        if self.keep_logits:
+            self.traces.append(trace)
+
+
+def common_prefix(a: list[int], b: list[int]) -> list[int]:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def steps_with_slots_between_tokens(recorder: Recorder, models: list[PreTrainedModel], device: str) -> int:
+    """Checks every row's logits at every recorded step against a fresh pass over the row's tokens, and
+    counts the steps where rows of a batch fed or rolled back different numbers of tokens (which leaves
+    masked cache slots between a row's tokens)."""
+    uneven = 0
+    for trace in recorder.traces:
+        for i, model in enumerate(models):
+            fed, dropped = set(), set()
+            for b, row in enumerate(trace.rows):
+                with torch.no_grad():
+                    fresh = model(torch.tensor([trace.tokens[i][b]], device=device)).logits[0, -1]
+                torch.testing.assert_close(trace.logits[i][b], fresh, atol=2e-4, rtol=1e-4)
+                continuation = recorder.continuations[row, i][trace.step]
+                previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
+                kept = len(common_prefix(previous, continuation))
+                fed.add(len(continuation) - kept)
+                dropped.add(len(previous) - kept)
+            uneven += trace.step > 0 and (len(fed) > 1 or len(dropped) > 1)
+    return uneven
