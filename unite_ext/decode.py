@@ -191,7 +191,7 @@ def _position_masks(keys: Tensor, queries: Tensor, local: _LocalAttention) -> Te
     """
     keys, queries = keys[:, None, None, :], queries[:, None, :, None]
     causal = (keys >= 0) & (keys <= queries)
-    masks = {}
+    masks: dict[str, Tensor] = {}
     for kind, size in local.sizes.items():
         if kind == "sliding_attention":
             masks[kind] = causal & (keys > queries - size)
