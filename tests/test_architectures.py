@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 from decode_checks import PROMPTS, Recorder, steps_with_slots_between_tokens
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from tiny_models import tiny_auto_model
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from unite_ext.decode import Ensemble
@@ -59,33 +58,14 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_model(model_type: str, vocab_size: int, eos_token_id: int, seed: int) -> PreTrainedModel:
-    sizes = {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-        "initializer_range": 0.2,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": None,  # some configs' default is beyond a tiny vocabulary
-    }
-    config = AutoConfig.for_model(model_type, **{**sizes, **ARCHITECTURES[model_type]})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config = GenerationConfig(eos_token_id=eos_token_id)
-    return model
-
-
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, model_type: str) -> None:
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {model_type} models")
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
-    models = [tiny_model(model_type, len(t), t.eos_token_id, seed=50 + n) for n, t in enumerate(toks)]
+    models = [
+        tiny_auto_model(model_type, t, seed=50 + n, **ARCHITECTURES[model_type]) for n, t in enumerate(toks)
+    ]
     ensemble = Ensemble(models, toks, k=4, sync="exact")
     recorder = Recorder(keep_logits=True)
     # Sampled, so that rows pick different tokens even where tiny random models would repeat one.

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from decode_checks import CORPUS, PROMPTS, Recorder, common_prefix, steps_with_slots_between_tokens
-from tiny_models import tiny_causal_lm, tiny_model_for_tokenizer
+from tiny_models import tiny_auto_model, tiny_causal_lm, tiny_model_for_tokenizer
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 import unite_ext.decode
@@ -286,16 +286,8 @@ def test_local_attention_counts_tokens_not_cache_slots(
 def test_slot_distance_models_decode_one_row_at_a_time(toy_tokenizers) -> None:
     """MPT's ALiBi grows with the distance in cache slots: batches of rows are refused, and one row at a
     time gives the logits of a fresh pass (a batch of one row never masks a slot between its tokens)."""
-    from transformers import MptConfig, MptForCausalLM
-
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(40)
-        mpt = MptForCausalLM(
-            MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=len(toks[0]), max_seq_len=1024)
-        ).eval()
-    mpt.generation_config.eos_token_id = toks[0].eos_token_id
-    models = [mpt, tiny_model_for_tokenizer("llama", toks[1], seed=41)]
+    models = [tiny_auto_model("mpt", toks[0], seed=40), tiny_model_for_tokenizer("llama", toks[1], seed=41)]
     ensemble = Ensemble(models, toks, k=4, sync="exact")
     with pytest.raises(ValueError, match=r"models\[0\].*cache slots.*batch_size=1"):
         ensemble.generate(PROMPTS, max_new_tokens=4, batch_size=2, progress=False)
@@ -313,21 +305,8 @@ def test_slot_distance_models_decode_one_row_at_a_time(toy_tokenizers) -> None:
     ],
 )
 def test_recurrent_models_are_refused(toy_tokenizers, model_type: str, overrides: dict, kind: str) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     tokenizer = toy_tokenizers["toy_byte"]
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_auto_model(model_type, tokenizer, **overrides)
     with pytest.raises(ValueError, match=rf"models\[0\].*'?({kind})'? layers.*only attention models"):
         Ensemble([model], [tokenizer])
 

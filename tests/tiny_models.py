@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     GenerationConfig,
@@ -141,6 +143,29 @@ def tiny_causal_lm(
         model = _MODEL_CLASSES[architecture](config)
     model.generation_config = GenerationConfig(eos_token_id=eos_token_id, bos_token_id=bos_token_id)
     return model.to(dtype).eval()
+
+
+def tiny_auto_model(model_type: str, tokenizer, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny random model of any Hugging Face `model_type` (through `AutoConfig`, whose common argument
+    names every config maps), sized for `tokenizer`; `overrides` are further config arguments."""
+    sizes = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "initializer_range": INITIALIZER_RANGE,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": None,  # some configs' default is beyond a tiny vocabulary
+    }
+    config = AutoConfig.for_model(model_type, **{**sizes, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    return model.eval()
 
 
 def tiny_model_for_tokenizer(architecture: str, tokenizer, *, seed: int = 0, **kwargs) -> PreTrainedModel:
