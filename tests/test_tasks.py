@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -402,6 +403,145 @@ def test_cmmlu_prompt_with_header_row(tmp_path):
     assert example.prompt == expected
     assert (example.id, example.gold, example.subject) == ("agronomy/0", "A", "agronomy")
     assert get_task("cmmlu").score("A", example).correct
+
+
+MMLU_DEV = [[f"Dev question {i} of {{}}?", "w", "x", "y", "z", "ABCD"[i % 4]] for i in range(6)]
+MMLU_TEST = {
+    "knots": [["Q1?", "a", "b", "c", "d", "d"], ["Q2, with comma?", "a", "b", "c", "d", "A"]],
+    "home_cooking": [["Boil water at sea level, in C?", "90", "100", "110", "120", "B"]],
+}
+
+
+def mmlu_hub_record(subject: str, row: list[str], index_answer: bool) -> dict:
+    """A CSV row of the MMLU release in the Hugging Face hub's layout (answer as index or letter)."""
+    answer = row[5].upper()
+    return {
+        "question": row[0],
+        "subject": subject,
+        "choices": row[1:5],
+        "answer": "ABCD".index(answer) if index_answer else answer,
+    }
+
+
+def test_mmlu_hub_layout_matches_the_csv_release(tmp_path):
+    # The CSV path's prompts are checked by hand above; the hub's records of the same questions (subjects
+    # interleaved, answers as indices and as letters) must give the same examples.
+    for subject, rows in MMLU_TEST.items():
+        write_csv(tmp_path / "dev" / f"{subject}_dev.csv", [[r[0].format(subject), *r[1:]] for r in MMLU_DEV])
+        write_csv(tmp_path / "test" / f"{subject}_test.csv", rows)
+    from_csv = get_task("mmlu").load(tmp_path / "test")
+    test_records = [
+        mmlu_hub_record(subject, row, index_answer=i % 2 == 0)
+        for i, (subject, row) in enumerate(
+            [("knots", MMLU_TEST["knots"][0]), ("home_cooking", MMLU_TEST["home_cooking"][0])]
+            + [("knots", MMLU_TEST["knots"][1])]
+        )
+    ]
+    dev_records = [
+        mmlu_hub_record(subject, [row[0].format(subject), *row[1:]], index_answer=True)
+        for row in MMLU_DEV
+        for subject in MMLU_TEST
+    ]
+    data = write_jsonl(tmp_path / "test.jsonl", test_records)
+    fewshot = write_jsonl(tmp_path / "dev.jsonl", dev_records)
+    from_records = get_task("mmlu").load(data, fewshot)
+    assert [e.id for e in from_csv] == ["home_cooking/0", "knots/0", "knots/1"]
+    assert from_records == from_csv
+    assert from_csv[0].prompt.count("Dev question") == 5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"choices": ["a", "b", "c"]}, "list of 4 option texts"),
+        ({"answer": 4}, "option index 0-3"),
+        ({"answer": True}, "option index 0-3"),
+        ({"answer": "E"}, "one of A-D"),
+        ({"subject": None}, "missing field 'subject'"),
+    ],
+)
+def test_mmlu_hub_layout_bad_records_are_named(tmp_path, change, message):
+    record = {"question": "q", "subject": "knots", "choices": ["1", "2", "3", "4"], "answer": 0}
+    record = {key: value for key, value in {**record, **change}.items() if value is not None}
+    data = write_jsonl(tmp_path / "test.jsonl", [record])
+    fewshot = write_jsonl(
+        tmp_path / "dev.jsonl", [dict(record, subject="knots", answer=0, choices=["1"] * 4)] * 5
+    )
+    with pytest.raises(ValueError, match=message) as error:
+        get_task("mmlu").load(data, fewshot)
+    assert "test.jsonl record 0" in str(error.value)
+
+
+def test_mmlu_hub_layout_needs_its_fewshot_file(tmp_path):
+    record = {"question": "q", "subject": "knots", "choices": ["1", "2", "3", "4"], "answer": 0}
+    data = write_jsonl(tmp_path / "test.jsonl", [record])
+    with pytest.raises(ValueError, match="--fewshot must be the file of solved examples"):
+        get_task("mmlu").load(data)
+    with pytest.raises(ValueError, match="--fewshot must be the file"):
+        get_task("mmlu").load(data, tmp_path)  # a folder is the CSV release's few-shot source
+    other_subject = write_jsonl(tmp_path / "dev.jsonl", [dict(record, subject="chess")] * 5)
+    with pytest.raises(ValueError, match="0 solved examples of subject 'knots'"):
+        get_task("mmlu").load(data, other_subject)
+    too_few = write_jsonl(tmp_path / "dev4.jsonl", [record] * 4)
+    with pytest.raises(ValueError, match="4 solved examples of subject 'knots', need 5"):
+        get_task("mmlu").load(data, too_few)
+    with pytest.raises(ValueError, match="cmmlu must be a split folder"):
+        get_task("cmmlu").load(data, too_few)
+
+
+HUB_FILES = {
+    # task: (evaluated records, few-shot records or None), in the Hugging Face hub's layouts
+    "gsm8k": (
+        [{"question": "Ann has 2 pens and buys 3. How many?", "answer": "2+3=<<2+3=5>>5\n#### 5"}],
+        None,
+    ),
+    "arc_challenge": ([ARC_HF_NUMERIC, dict(ARC_HF_NUMERIC, id="Q3", answerKey="4")], None),
+    "piqa": ([{"goal": "Dry wet shoes", "sol1": "Freeze them.", "sol2": "Stuff them.", "label": 1}], None),
+    "triviaqa": (
+        [{"question": "Q?", "question_id": "v1", "answer": {"value": "Yes", "aliases": ["yes", "Y"]}}],
+        [
+            {"question": q, "question_id": str(i), "answer": {"value": a, "aliases": [a]}}
+            for i, (q, a) in enumerate(QA_SHOTS)
+        ],
+    ),
+    "nq": (
+        [{"question": "who painted the mona lisa", "answer": ["Leonardo"]}],
+        [{"question": q, "answer": [a]} for q, a in QA_SHOTS],
+    ),
+    "mmlu": (
+        [mmlu_hub_record("knots", row, index_answer=True) for row in MMLU_TEST["knots"]],
+        [mmlu_hub_record("knots", row, index_answer=True) for row in MMLU_DEV],
+    ),
+}
+
+
+@pytest.mark.parametrize("task", sorted(HUB_FILES))
+def test_parquet_files_read_like_jsonl(tmp_path, task):
+    parquet = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    def write_both(name: str, records: list[dict]) -> tuple[Path, Path]:
+        parquet.write_table(pyarrow.Table.from_pylist(records), tmp_path / f"{name}.parquet")
+        return write_jsonl(tmp_path / f"{name}.jsonl", records), tmp_path / f"{name}.parquet"
+
+    records, shots = HUB_FILES[task]
+    data = write_both("test", records)
+    fewshot = (None, None) if shots is None else write_both("train", shots)
+    from_jsonl = get_task(task).load(data[0], fewshot[0])
+    from_parquet = get_task(task).load(data[1], fewshot[1])
+    assert len(from_jsonl) == len(records)
+    assert from_parquet == from_jsonl
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = tmp_path / "test.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match="needs pyarrow"):
+        get_task("gsm8k").load(path)
+    with pytest.raises(ValueError, match=r"use \.jsonl, \.json or \.parquet"):
+        get_task("gsm8k").load(path.rename(tmp_path / "test.csv"))
 
 
 def test_unknown_task():

@@ -89,7 +89,12 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     from unite_ext.tasks import TASKS
 
     parser.add_argument("--task", required=True, choices=list(TASKS), help="benchmark (see docs/tasks.md)")
-    parser.add_argument("--data", required=True, type=Path, help="file (MMLU/CMMLU: folder) of questions")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="questions: .jsonl, .json or .parquet file (MMLU/CMMLU: a split folder; MMLU: also a file)",
+    )
     parser.add_argument("--fewshot", type=Path, default=None, help="solved examples (default: the task's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")

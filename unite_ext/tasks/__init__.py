@@ -1,6 +1,7 @@
 """Benchmarks of the UNITE paper, read from local files in the layouts the datasets are published in.
 
-``--data`` is what is evaluated; ``--fewshot`` is where solved examples come from.
+``--data`` is what is evaluated; ``--fewshot`` is where solved examples come from. Every JSONL file
+below may also be JSON (a list of records) or Parquet (the Hugging Face hub's files; needs ``pyarrow``).
 
 ========================  =====================================================================  ==========
 task                      ``--data`` (and ``--fewshot``)                                         shots
@@ -22,7 +23,9 @@ task                      ``--data`` (and ``--fewshot``)                        
                           ``--fewshot`` required (first 5)
 ``mmlu``                  a split folder (``data/test/``) of ``<subject>_test.csv`` without a    5 per
                           header: question, A, B, C, D, answer; few-shot from ``../dev/``        subject
-                          (``<subject>_dev.csv``, first 5 rows) or ``--fewshot DIR``
+                          (``<subject>_dev.csv``, first 5 rows) or ``--fewshot DIR``. Or the
+                          hub's records ``{"question", "subject", "choices": [4], "answer":
+                          0-3}`` with ``--fewshot`` the dev split's file (first 5 per subject)
 ``cmmlu``                 a split folder (``test/``) of ``<subject>.csv`` with the header         5 per
                           ``,Question,A,B,C,D,Answer``; few-shot from ``../dev/``                 subject
 ========================  =====================================================================  ==========

@@ -98,14 +98,21 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Read a dataset file: JSON Lines (``.jsonl``) or JSON (``.json``).
+    """Read a dataset file: JSON Lines (``.jsonl``), JSON (``.json``) or Parquet (``.parquet``).
 
     A ``.json`` file may hold a list of records, or an object whose ``"data"`` or ``"Data"`` member is
-    that list (the layout of the TriviaQA release).
+    that list (the layout of the TriviaQA release). A ``.parquet`` file (the Hugging Face hub's layout)
+    gives one record per row, nested columns as dicts and lists; reading it needs ``pyarrow``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet
+        except ImportError as error:
+            raise ImportError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from error
+        return pyarrow.parquet.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         records = []
@@ -126,7 +133,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         if not isinstance(content, list):
             raise ValueError(f"{path}: expected a JSON list of records")
         return content
-    raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl or .json")
+    raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .json or .parquet")
 
 
 def require(record: dict[str, Any], key: str, where: str) -> Any:

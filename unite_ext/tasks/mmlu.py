@@ -1,4 +1,5 @@
-"""MMLU and CMMLU: 5-shot multiple choice per subject, from the release's per-subject CSV files."""
+"""MMLU and CMMLU: 5-shot multiple choice per subject, from the releases' per-subject CSV files (MMLU
+also from a file of the Hugging Face hub's records)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from unite_ext.tasks.base import (
     mean_correct,
     option_lines,
     read_csv_rows,
+    read_records,
+    require,
 )
 
 OPTIONS = ("A", "B", "C", "D")
@@ -30,32 +33,45 @@ def subject_accuracies(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {subject: mean_correct(rows) for subject, rows in sorted(by_subject.items())}
 
 
-class SubjectChoiceTask(Task):
-    """A 5-shot multiple-choice benchmark with one CSV file per subject and split.
+Row = tuple[str, list[str], str]  # question, the four option texts, answer letter
 
-    ``data`` is the folder of the evaluated split (e.g. ``test/``); the solved examples are the first
-    five rows of the same subject in the ``dev/`` folder beside it, or in the folder given as
-    ``fewshot``. Subclasses define the file names, the CSV layout and the prompt wording.
+
+def answer_letter(answer: str | int, where: str) -> str:
+    """The answer as a letter A-D: a letter (any case) or a 0-based option index (the hub's layout)."""
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(OPTIONS):
+        return OPTIONS[answer]
+    letter = answer.strip().upper() if isinstance(answer, str) else None
+    if letter not in OPTIONS:
+        raise ValueError(f"{where}: answer must be one of A-D or an option index 0-3, got {answer!r}")
+    return letter
+
+
+class SubjectChoiceTask(Task):
+    """A 5-shot multiple-choice benchmark grouped by subject.
+
+    ``data`` is the folder of the evaluated split (e.g. ``test/``) with one CSV file per subject; the
+    solved examples are the first five rows of the same subject in the ``dev/`` folder beside it, or in
+    the folder given as ``fewshot``. A task with ``reads_files`` also reads (:meth:`parse_record`) a file
+    of records that name their subject (the Hugging Face hub's layout), with ``fewshot`` a file of the same
+    layout. Subclasses define the file names, the CSV layout and the prompt wording.
     """
 
     num_fewshot = 5
     max_new_tokens = 16
     stop = ("\n\n",)
     answer_separator = " "  # between the prompt's answer cue and the letter of a solved example
+    reads_files = False  # whether parse_record reads a file of records as --data
 
     def subject_of(self, path: Path) -> str:
         """The subject a CSV file holds, from its name."""
         return path.stem
 
-    def rows(self, path: Path) -> list[tuple[str, list[str], str]]:
+    def rows(self, path: Path) -> list[Row]:
         """(question, four option texts, answer letter) of every row of a CSV file."""
         result = []
         for number, row in enumerate(self.csv_rows(path), start=1):
             question, texts, answer = self.parse_row(row, f"{path} row {number}")
-            answer = answer.strip().upper()
-            if answer not in OPTIONS:
-                raise ValueError(f"{path} row {number}: answer must be one of A-D, got {answer!r}")
-            result.append((question, texts, answer))
+            result.append((question, texts, answer_letter(answer, f"{path} row {number}")))
         return result
 
     def csv_rows(self, path: Path) -> list[list[str]]:
@@ -66,6 +82,53 @@ class SubjectChoiceTask(Task):
             raise ValueError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
         return row[0], row[1:5], row[5]
 
+    def parse_record(self, record: dict[str, Any], where: str) -> tuple[str, Row]:
+        """(subject, row) of one record of a file of questions (only where ``reads_files``)."""
+        raise NotImplementedError
+
+    def subject_files(self, folder: Path) -> dict[str, Path]:
+        """Each subject's CSV file in a split folder."""
+        return {self.subject_of(path): path for path in sorted(folder.glob("*.csv"))}
+
+    def subject_records(self, path: Path) -> dict[str, list[Row]]:
+        """Each subject's rows in a file of records, in file order."""
+        by_subject: dict[str, list[Row]] = defaultdict(list)
+        for index, record in enumerate(read_records(path)):
+            subject, row = self.parse_record(record, f"{path} record {index}")
+            by_subject[subject].append(row)
+        return by_subject
+
+    def subjects(self, data: Path, fewshot: Path | None) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
+        """The evaluated rows of each subject, and the rows its solved examples come from."""
+        if data.is_dir():
+            fewshot = Path(fewshot) if fewshot is not None else data.parent / "dev"
+            if not fewshot.is_dir():
+                raise ValueError(f"few-shot folder not found: {fewshot} (pass --fewshot DIR)")
+            files = self.subject_files(data)
+            if not files:
+                raise ValueError(f"no .csv files in {data}")
+            questions = {subject: self.rows(path) for subject, path in files.items()}
+            shot_files = self.subject_files(fewshot)
+            shots = {subject: self.rows(path) for subject, path in shot_files.items() if subject in files}
+        elif self.reads_files and data.is_file():
+            if fewshot is None or not Path(fewshot).is_file():
+                raise ValueError(
+                    f"--data {data} is a file: --fewshot must be the file of solved examples in the same "
+                    f"layout (the dev split), got {fewshot}"
+                )
+            questions = self.subject_records(data)
+            shots = self.subject_records(Path(fewshot))
+        else:
+            kinds = "a split folder (test/) or a file of records" if self.reads_files else "a split folder"
+            raise ValueError(f"--data for {self.name} must be {kinds}: {data}")
+        for subject in questions:
+            if len(shots.get(subject, ())) < self.num_fewshot:
+                raise ValueError(
+                    f"{fewshot}: {len(shots.get(subject, ()))} solved examples of subject {subject!r}, "
+                    f"need {self.num_fewshot}"
+                )
+        return questions, shots
+
     @abstractmethod
     def header(self, subject: str) -> str:
         """The instruction line(s) that open the prompt of a subject."""
@@ -75,27 +138,15 @@ class SubjectChoiceTask(Task):
         """One question with its options, ending where the answer letter goes."""
 
     def load(self, data: Path, fewshot: Path | None = None) -> list[Example]:
-        data = Path(data)
-        if not data.is_dir():
-            raise ValueError(f"--data for {self.name} must be the folder of one split (e.g. test/): {data}")
-        fewshot_dir = Path(fewshot) if fewshot is not None else data.parent / "dev"
-        if not fewshot_dir.is_dir():
-            raise ValueError(f"few-shot folder not found: {fewshot_dir} (pass --fewshot DIR)")
-        fewshot_files = {self.subject_of(p): p for p in sorted(fewshot_dir.glob("*.csv"))}
-        files = sorted(data.glob("*.csv"))
-        if not files:
-            raise ValueError(f"no .csv files in {data}")
+        questions, shots = self.subjects(Path(data), fewshot)
         examples = []
-        for path in files:
-            subject = self.subject_of(path)
-            if subject not in fewshot_files:
-                raise ValueError(f"no few-shot file for subject {subject!r} in {fewshot_dir}")
-            shots = self.rows(fewshot_files[subject])[: self.num_fewshot]
-            if len(shots) < self.num_fewshot:
-                raise ValueError(f"{fewshot_files[subject]}: {len(shots)} rows, need {self.num_fewshot}")
-            solved = "".join(f"{self.block(q, t)}{self.answer_separator}{a}\n\n" for q, t, a in shots)
+        for subject in sorted(questions):
+            solved = "".join(
+                f"{self.block(q, t)}{self.answer_separator}{a}\n\n"
+                for q, t, a in shots[subject][: self.num_fewshot]
+            )
             header = self.header(subject) + solved
-            for index, (question, texts, answer) in enumerate(self.rows(path)):
+            for index, (question, texts, answer) in enumerate(questions[subject]):
                 examples.append(
                     Example(
                         id=f"{subject}/{index}",
@@ -121,9 +172,19 @@ class SubjectChoiceTask(Task):
 
 class Mmlu(SubjectChoiceTask):
     """MMLU (Hendrycks et al., 2021). Files ``<subject>_<split>.csv`` without a header row; columns
-    question, A, B, C, D, answer. Prompt wording as in the MMLU release's evaluation script."""
+    question, A, B, C, D, answer. Or a file of records in the Hugging Face hub's layout
+    (``{"question", "subject", "choices": [4 texts], "answer": 0-3}``, e.g. ``all/test-*.parquet``).
+    Prompt wording as in the MMLU release's evaluation script."""
 
     name = "mmlu"
+    reads_files = True
+
+    def parse_record(self, record: dict[str, Any], where: str) -> tuple[str, Row]:
+        choices = require(record, "choices", where)
+        if not isinstance(choices, list) or len(choices) != len(OPTIONS):
+            raise ValueError(f"{where}: 'choices' must be a list of 4 option texts, got {choices!r}")
+        answer = answer_letter(require(record, "answer", where), where)
+        return str(require(record, "subject", where)), (require(record, "question", where), choices, answer)
 
     def subject_of(self, path: Path) -> str:
         stem = path.stem
