@@ -325,6 +325,76 @@ def test_local_attention_over_cache_slots_is_refused(
     Ensemble([plain], [tokenizer])  # no local attention: the 2-D mask serves every implementation
 
 
+CONTEXT = 40  # context length of the limited models below, in tokens
+
+
+@pytest.mark.parametrize("sync", ["exact", "fast"])
+def test_rows_end_when_a_model_context_is_full(toy_tokenizers, sync: str) -> None:
+    """A row ends ("length") at the last step before a model would read past its context length; until
+    then it is the same text as with room to spare (rotary positions do not depend on that length)."""
+    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
+
+    def ensemble(context: int) -> Ensemble:
+        models = [
+            tiny_auto_model("llama", toks[0], seed=50, max_position_embeddings=context),
+            tiny_auto_model("qwen2", toks[1], seed=51),
+        ]
+        return Ensemble(models, toks, k=4, sync=sync)
+
+    recorder = Recorder(keep_logits=True)
+    options = {"max_new_tokens": 60, "batch_size": 3, "progress": False}
+    reference = ensemble(1024).generate(PROMPTS, on_step=recorder, **options)
+    text_before = {(row, t.step): t.generated[b] for t in recorder.traces for b, row in enumerate(t.rows)}
+    streamed: dict[int, str] = defaultdict(str)
+    limited = ensemble(CONTEXT).generate(
+        PROMPTS, stream=lambda row, delta: streamed.__setitem__(row, streamed[row] + delta), **options
+    )
+    full_rows = 0
+    for r, (free, cut) in enumerate(zip(reference, limited, strict=True)):
+        assert streamed[r] == cut.text
+        prompt = len(toks[0](PROMPTS[r])["input_ids"])
+        held = [prompt + len(tokens) for tokens in recorder.continuations[r, 0]]  # before each step
+        steps = next((s for s in range(1, len(held)) if held[s] > CONTEXT), None)
+        if steps is None:  # the row ended before the model's context was full
+            assert cut == free
+            continue
+        full_rows += 1
+        assert (cut.num_steps, cut.finish_reason) == (steps, "length"), (r, held)
+        expected = text_before[r, steps]
+        assert (cut.text, cut.num_bytes) == (expected.decode(errors="replace"), len(expected))
+    assert full_rows >= 2
+    with pytest.raises(
+        ValueError, match=rf"prompt 1 encodes to \d+ tokens for models\[0\].*context length of {CONTEXT}"
+    ):
+        ensemble(CONTEXT).generate(["x", "y" * 200], **options)
+
+
+def test_learned_positions_and_scaled_rope_past_the_context_length(toy_tokenizers) -> None:
+    """GPT-2's learned positions end at its context length (one more would index out of range): its rows
+    end there. A config that scales RoPE is meant to reach past `max_position_embeddings`: no limit."""
+    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
+    scaled = {"max_position_embeddings": CONTEXT, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    models = [
+        tiny_auto_model("gpt2", toks[0], seed=52, max_position_embeddings=CONTEXT),
+        tiny_auto_model("llama", toks[1], seed=53, **scaled),
+    ]
+    recorder = Recorder()
+    generations = Ensemble(models, toks, k=4).generate(
+        PROMPTS, max_new_tokens=60, batch_size=3, on_step=recorder, progress=False
+    )
+    assert all(g.finish_reason == "length" and g.num_steps < 60 for g in generations)
+    held = [
+        max(
+            len(tok(prompt)["input_ids"]) + len(recorder.continuations[r, i][-1])
+            for r, prompt in enumerate(PROMPTS)
+        )
+        for i, tok in enumerate(toks)
+    ]
+    assert held[0] == CONTEXT  # its last step read a full context
+    generations = Ensemble(models[1:], toks[1:], k=4).generate(PROMPTS, max_new_tokens=60, progress=False)
+    assert all(g.num_steps == 60 for g in generations)
+
+
 def test_end_of_sequence_ends_a_row(tokenizers) -> None:
     tokenizer = tokenizers["gpt2"]
     eos = tokenizer.eos_token_id

@@ -114,6 +114,9 @@ class _Member:
             )
         self.local_attention = _local_attention(self.name, config, model.get_input_embeddings().weight.dtype)
         self.distances_by_slot = config.model_type in _SLOT_DISTANCE_MODELS
+        # Learned position embeddings end at the context length (positions past it index out of range);
+        # RoPE without scaling has not been trained past it. Scaled RoPE is meant to reach beyond it.
+        self.context_limit = None if _scales_rope(config) else context_length(config)
 
 
 # Models whose attention bias grows with the distance in cache slots (MPT's ALiBi takes no position
@@ -130,6 +133,33 @@ def _recurrent_layers(model: PreTrainedModel, config: Any) -> str:
     if not kinds and getattr(model, "_is_stateful", False):  # models without layer_types (Mamba, RWKV)
         kinds = ["recurrent"]
     return " and ".join(repr(kind) for kind in kinds)
+
+
+# Names of a config's context length: Hugging Face's standard one first, then older ones.
+_CONTEXT_LENGTH_NAMES = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def context_length(config: Any) -> int | None:
+    """The most positions `config` gives its model (`max_position_embeddings` or an older name), else None."""
+    for name in _CONTEXT_LENGTH_NAMES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _scales_rope(config: Any) -> bool:
+    """Whether `config` scales its rotary embeddings (YaRN, linear, Llama 3...): transformers 5 keeps them in
+    `rope_parameters` (one dict, or one per layer type), earlier versions in `rope_scaling`."""
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, name, None)
+        if not isinstance(value, dict) or not value:
+            continue
+        per_layer = all(isinstance(v, dict) for v in value.values())
+        for parameters in value.values() if per_layer else [value]:
+            if parameters.get("rope_type", parameters.get("type")) not in (None, "default"):
+                return True
+    return False
 
 
 # Attention implementations whose masks Hugging Face builds over cache slots. Flash attention packs each
@@ -291,6 +321,11 @@ class _ModelBatch:
             kwargs["logits_to_keep"] = 1
         return self.member.model(**kwargs).logits[:, -1, :]
 
+    def exceeds_context(self, row: int, feed: list[int]) -> bool:
+        """Whether feeding `feed` to `row` would take it past the model's context length."""
+        limit = self.member.context_limit
+        return limit is not None and len(self.slots[row]) + len(feed) > limit
+
     def roll_back(self, row: int, count: int) -> None:
         """Drop the last `count` tokens of `row` (their cache slots are masked)."""
         dropped = self.slots[row][-count:]
@@ -384,6 +419,25 @@ class _Settings:
 
 def _on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _publish(row: _Row, settings: _Settings) -> None:
+    """Pass the row's new text to the stream callback, if any."""
+    if settings.stream is not None and (delta := row.stream_delta(settings.stops)):
+        settings.stream(row.index, delta)
+
+
+def _drop_finished(
+    runs: list[_ModelBatch], rows: list[_Row], per_row: list[list[Any]]
+) -> tuple[list[_Row], list[list[Any]]]:
+    """The unfinished rows, kept in every model's batch (finished rows stop costing compute), and each
+    list of `per_row` values restricted to them."""
+    active = [b for b, row in enumerate(rows) if row.finish_reason is None]
+    if 0 < len(active) < len(rows):
+        for run in runs:
+            with _on_stream(run.stream):
+                run.keep_rows(active)
+    return [rows[b] for b in active], [[values[b] for b in active] for values in per_row]
 
 
 def _per_model(value: Any, n: int, name: str) -> list[Any]:
@@ -559,6 +613,11 @@ class Ensemble:
                     raise ValueError(
                         f"prompt {r} encodes to no tokens for {m.name}: it needs at least one token"
                     )
+                if m.context_limit is not None and len(row_ids) > m.context_limit:
+                    raise ValueError(
+                        f"prompt {r} encodes to {len(row_ids)} tokens for {m.name}, more than its context "
+                        f"length of {m.context_limit} (config.max_position_embeddings): shorten the prompt"
+                    )
         return rows
 
     @torch.inference_mode()
@@ -654,18 +713,18 @@ class Ensemble:
                     settings.stops,
                     settings.max_new_tokens,
                 )
-                if settings.stream is not None and (delta := row.stream_delta(settings.stops)):
-                    settings.stream(row.index, delta)
-            active = [b for b, row in enumerate(rows) if row.finish_reason is None]
-            if not active:
+                _publish(row, settings)
+            rows, (next_canon,) = _drop_finished(runs, rows, [next_canon])
+            if not rows:
                 return
-            if len(active) < len(rows):
-                for run in runs:
-                    with _on_stream(run.stream):
-                        run.keep_rows(active)
-                rows = [rows[b] for b in active]
-                next_canon = [next_canon[b] for b in active]
-            feeds = [self._extend(run, rows, next_canon) for run in runs]
+            by_model = [self._extend(run, rows, next_canon) for run in runs]
+            for b, row in enumerate(rows):
+                if any(run.exceeds_context(b, feed[b]) for run, feed in zip(runs, by_model, strict=True)):
+                    row.finish_reason = "length"  # a model's context is full
+                    _publish(row, settings)
+            rows, feeds = _drop_finished(runs, rows, by_model)
+            if not rows:
+                return
 
     def _extend(self, run: _ModelBatch, rows: list[_Row], next_canon: list[int]) -> list[list[int]]:
         """Extend one model's continuations after a step; returns each row's tokens to feed."""

@@ -57,6 +57,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "unite_ext.lm_eval needs lm-evaluation-harness: pip install lm_eval (or unite_ext[lm_eval])"
     ) from error
 
+from unite_ext.decode import context_length
 from unite_ext.model_spec import ModelSpec, build_ensemble, load_spec, uses_chat
 
 logger = logging.getLogger(__name__)
@@ -161,12 +162,7 @@ class UniteLM(LM):
     def model_max_length(self, member: Any) -> int:
         if self.max_length_override is not None:
             return self.max_length_override
-        config = member.model.config
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return DEFAULT_MAX_LENGTH
+        return context_length(member.model.config.get_text_config()) or DEFAULT_MAX_LENGTH
 
     @staticmethod
     def prefix_token(member: Any) -> int:
