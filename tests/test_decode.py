@@ -577,6 +577,21 @@ def test_clear_errors(tokenizers) -> None:
         Ensemble([model], [tokenizer], sync="slow")
 
 
+def test_a_tokenizer_that_is_not_the_models_is_refused(tokenizers) -> None:
+    """The model's own end tokens (its generation config's) must be special tokens of its tokenizer."""
+    qwen = real_vocab_model("qwen2", tokenizers["qwen2"])
+    qwen.generation_config.eos_token_id = [151645, 151643]  # Qwen2-Instruct's <|im_end|>, <|endoftext|>
+    Ensemble([qwen], [tokenizers["qwen2"]])
+    with pytest.raises(ValueError, match=r"models\[0\].*token 151645.*has 50257 tokens: is that this model"):
+        Ensemble([qwen], [tokenizers["gpt2"]])
+    llama = real_vocab_model("llama2", tokenizers["llama2"])
+    llama.generation_config.eos_token_id = 2  # </s>
+    Ensemble([llama], [tokenizers["llama2"]])
+    ordinary = tokenizers["gpt2"].convert_ids_to_tokens(2)
+    with pytest.raises(ValueError, match=rf"models\[1\].*token 2 .*ordinary token '{ordinary}'"):
+        Ensemble([real_vocab_model("gpt2", tokenizers["gpt2"]), llama], [tokenizers["gpt2"]] * 2)
+
+
 def test_the_other_device_step_in_the_loop(mixed_ensemble_parts, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop's step for models on several devices, forced on one CPU (every model's logits go through
     a stand-in): the same texts as the fused step, greedy and sampled with a seed."""

@@ -91,7 +91,7 @@ class _Member:
         self.tokenizer = tokenizer
         self.name = f"models[{index}] ({_model_name(model)})"
         self.vocab_size = int(model.config.get_text_config().vocab_size)
-        self.eos_token_ids = _end_token_ids(model, tokenizer)
+        self.eos_token_ids = _end_token_ids(self.name, model, tokenizer)
         if not self.eos_token_ids:
             raise ValueError(
                 f"tokenizers[{index}] has no eos_token and the generation config of {self.name} lists no "
@@ -240,17 +240,32 @@ def _position_masks(keys: Tensor, queries: Tensor, local: _LocalAttention) -> Te
     return masks if len(masks) > 1 else next(iter(masks.values()))
 
 
-def _end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokenizer's EOS first, then the other end tokens of the model's generation config."""
+def _end_token_ids(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS first, then the other end tokens of the model's generation config.
+
+    A tokenizer that holds one of the model's end tokens as ordinary text, or not at all, is not the
+    model's: refused, since its tables would map that text to the end of sequence.
+    """
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(config_ids, int):
         config_ids = [config_ids]
-    for token in config_ids or []:
-        if int(token) not in ids:
-            ids.append(int(token))
+    special = {*tokenizer.all_special_ids, *tokenizer.added_tokens_decoder}
+    for token in map(int, config_ids or []):
+        if token not in special:
+            held = (
+                f"reads it as the ordinary token {tokenizer.convert_ids_to_tokens(token)!r}"
+                if 0 <= token < len(tokenizer)
+                else f"has {len(tokenizer)} tokens"
+            )
+            raise ValueError(
+                f"{name} ends texts with token {token} (its generation config's eos_token_id) but the "
+                f"tokenizer given with it {held}: is that this model's tokenizer?"
+            )
+        if token not in ids:
+            ids.append(token)
     return ids
 
 
