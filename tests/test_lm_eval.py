@@ -128,6 +128,34 @@ def test_generate_until_single_model_matches_hf_generate(members):
         assert output == expected
 
 
+def test_generate_until_cuts_long_contexts_from_the_left(members, monkeypatch, caplog):
+    """A context that leaves a model fewer than max_gen_toks positions of its 40 is cut from the left to the
+    longest end that fits every model (which the ensemble would otherwise refuse), with a warning."""
+    tokenizers = [tokenizer for _, tokenizer in members]
+    models = [
+        tiny_model_for_tokenizer("llama", tokenizer, seed=5 + i, max_position_embeddings=40)
+        for i, tokenizer in enumerate(tokenizers)
+    ]
+    ensemble = Ensemble(models, tokenizers)
+    seen: list[str] = []
+    generate = ensemble.generate
+    monkeypatch.setattr(ensemble, "generate", lambda **kw: seen.extend(kw["prompts"]) or generate(**kw))
+    long, short = " ".join(SAMPLE_TEXTS)[:300], "The quick brown fox"
+    settings = {"until": ["\n"], "max_gen_toks": 10}
+    UniteLM(ensemble=ensemble).generate_until(
+        [request("generate_until", c, dict(settings)) for c in (long, short)]
+    )
+    fitted, unchanged = seen
+    assert unchanged == short
+
+    def fits(text: str) -> bool:
+        return all(len(tokenizer(text)["input_ids"]) <= 40 - 10 for tokenizer in tokenizers)
+
+    assert long.endswith(fitted) and fits(fitted)
+    assert not fits(long[len(long) - len(fitted) - 1 :])  # one more character does not fit
+    assert "was cut to its last" in caplog.text
+
+
 def test_loglikelihood_rolling_matches_full_text_scores(members):
     models, tokenizers = zip(*members, strict=True)
     ensemble = Ensemble(list(models), list(tokenizers))

@@ -20,7 +20,9 @@ entry point ``unite = "unite_ext.lm_eval:UniteLM"`` in the group ``lm_eval.model
 How requests are answered:
 
 - ``generate_until``: the ensemble's own decoding (``Ensemble.generate``), greedy unless the task asks
-  for sampling; the text stops before the first ``until`` string.
+  for sampling; the text stops before the first ``until`` string. A context that leaves a model fewer
+  than ``max_gen_toks`` positions of its maximum length is cut from the left (at a character, keeping the
+  longest end that fits every model), as the harness's Hugging Face backend cuts its tokens, with a warning.
 - ``loglikelihood``: every model scores the continuation under its own tokenization, ``ll_i = log
   p_i(continuation | context)``: the context is encoded as a prompt (with the model's special tokens, as
   ``Ensemble.generate`` encodes prompts) and the continuation is the model's mid-text encoding of its
@@ -255,6 +257,35 @@ class UniteLM(LM):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
         return results
 
+    def fit_contexts(self, contexts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Each context, cut from the left where needed so that every model's encoding of it (as
+        ``Ensemble.generate`` encodes prompts) leaves ``max_new_tokens`` positions of its maximum length."""
+        budgets = [
+            (member.tokenizer, max(1, self.model_max_length(member) - max_new_tokens))
+            for member in self.members
+        ]
+
+        def fits(text: str) -> bool:
+            return all(len(tokenizer(text)["input_ids"]) <= budget for tokenizer, budget in budgets)
+
+        fitted = []
+        for context in contexts:
+            if not fits(context):
+                # Invariant: context[low:] does not fit, context[high:] does (the empty text always does).
+                low, high = 0, len(context)
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    low, high = (low, middle) if fits(context[middle:]) else (middle, high)
+                logger.warning(
+                    "unite: a context of %d characters was cut to its last %d to leave %d new tokens",
+                    len(context),
+                    len(context) - high,
+                    max_new_tokens,
+                )
+                context = context[high:]
+            fitted.append(context)
+        return fitted
+
     def greedy_flags(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
         """Whether the ensemble's greedy generation from each context starts with the continuation."""
         flags = [False] * len(pairs)
@@ -267,7 +298,10 @@ class UniteLM(LM):
             if any(not c for c in contexts):
                 raise ValueError("is_greedy needs a non-empty context; pass greedy_check=False")
             generations = self.ensemble.generate(
-                prompts=contexts, max_new_tokens=budget, batch_size=self.batch_size, progress=False
+                prompts=self.fit_contexts(contexts, budget),
+                max_new_tokens=budget,
+                batch_size=self.batch_size,
+                progress=False,
             )
             for i, generation in zip(rows, generations, strict=True):
                 flags[i] = generation.text.startswith(pairs[i][1])
@@ -320,7 +354,7 @@ class UniteLM(LM):
             if settings:
                 logger.warning("unite: ignoring generation settings %s", sorted(settings))
             generations = self.ensemble.generate(
-                prompts=[requests[i].args[0] for i in rows],
+                prompts=self.fit_contexts([requests[i].args[0] for i in rows], max_new_tokens),
                 max_new_tokens=max_new_tokens,
                 stop=stop or None,
                 do_sample=do_sample,
