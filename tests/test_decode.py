@@ -19,6 +19,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokeniz
 
 import unite_ext.decode
 import unite_ext.step
+import unite_ext.sync
 from unite_ext.decode import Ensemble, Generation
 from unite_ext.toy_tokenizers import train_byte_level_bpe
 
@@ -298,17 +299,157 @@ def test_slot_distance_models_decode_one_row_at_a_time(toy_tokenizers) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model_type", "overrides", "kind"),
+    ("model_type", "overrides"),
     [
-        ("mamba", {"state_size": 4, "expand": 2}, "linear_attention|recurrent"),  # a state-space model
-        ("lfm2", {"layer_types": ["conv", "full_attention"]}, "conv"),  # short convolutions and attention
+        ("mamba", {"state_size": 4, "expand": 2}),  # wrong after a cached step without cache positions
+        ("jamba", {"attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 1}),  # wrong on chunks
     ],
 )
-def test_recurrent_models_are_refused(toy_tokenizers, model_type: str, overrides: dict, kind: str) -> None:
+def test_unchecked_recurrent_models_are_refused(toy_tokenizers, model_type: str, overrides: dict) -> None:
     tokenizer = toy_tokenizers["toy_byte"]
-    model = tiny_auto_model(model_type, tokenizer, **overrides)
-    with pytest.raises(ValueError, match=rf"models\[0\].*'?({kind})'? layers.*only attention models"):
+    try:
+        model = tiny_auto_model(model_type, tokenizer, **overrides)
+    except ValueError as error:  # transformers 4.x builds Jamba only with its CUDA kernels
+        pytest.skip(f"transformers {transformers.__version__} builds no {model_type} model here: {error}")
+    with pytest.raises(ValueError, match=rf"models\[0\].*layers, and model type '{model_type}' is not among"):
         Ensemble([model], [tokenizer])
+
+
+# Tiny configs of the recurrent (hybrid) models the ensemble decodes: linear attention, convolutions,
+# Mamba-2 layers, next to full attention.
+RECURRENT_CASES = {
+    "qwen3_next": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_value_heads": 2,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "num_experts": 2,
+        "num_experts_per_tok": 1,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+        "head_dim": 8,
+    },
+    "qwen3_5_text": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_value_heads": 2,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "head_dim": 8,
+    },
+    "qwen3_5_moe_text": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_value_heads": 2,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "num_experts": 2,
+        "num_experts_per_tok": 2,  # both experts: no routing choice for rounding to flip
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+        "head_dim": 8,
+    },
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
+    "lfm2_moe": {
+        "layer_types": ["conv", "full_attention"],
+        "num_experts": 2,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "num_dense_layers": 1,
+    },
+    "granitemoehybrid": {
+        "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_n_groups": 1,
+        "mamba_d_state": 8,
+        "mamba_expand": 2,
+    },
+    "falcon_h1": {
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_n_groups": 1,
+        "mamba_d_ssm": 64,
+        "mamba_d_state": 8,
+        "mamba_expand": 2,
+        "head_dim": 8,
+    },
+    "bamba": {
+        "attn_layer_indices": [1],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_n_groups": 1,
+        "mamba_d_state": 8,
+        "mamba_expand": 2,
+    },
+    "nemotron_h": {
+        "hybrid_override_pattern": "M*",
+        "mamba_num_heads": 4,
+        "mamba_head_dim": 16,
+        "n_groups": 1,
+        "ssm_state_size": 8,
+        "expand": 2,
+        "head_dim": 8,
+    },
+    "mamba2": {"num_heads": 4, "head_dim": 16, "n_groups": 1, "state_size": 8, "expand": 2},
+}
+
+
+class RollBackOneMore:
+    """A synchroniser that takes back one more token than `inner` asks for and feeds it again: the same
+    tokens, through a rollback at every step."""
+
+    def __init__(self, inner: unite_ext.sync.Synchronizer):
+        self.inner = inner
+        self.rollbacks = 0
+
+    def extend(self, continuation, generated, canonical_id: int) -> tuple[int, list[int]]:
+        rollback, feed = self.inner.extend(continuation, generated, canonical_id)
+        kept = len(continuation.tokens) - len(feed)
+        if kept == 0:
+            return rollback, feed
+        self.rollbacks += 1
+        return rollback + 1, [continuation.tokens[kept - 1], *feed]
+
+
+@pytest.mark.parametrize("sync", ["exact", "fast"])
+@pytest.mark.parametrize("model_type", sorted(RECURRENT_CASES))
+def test_recurrent_models_decode_one_row_at_a_time(toy_tokenizers, model_type: str, sync: str) -> None:
+    """A model with recurrent layers cannot take back a token: it decodes one row at a time and reads its
+    tokens again after a rollback (here, in exact mode, one at every step). Every step's logits are those
+    of a fresh pass over the row's tokens."""
+    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
+    try:
+        recurrent = tiny_auto_model(model_type, toks[0], seed=60, **RECURRENT_CASES[model_type])
+    except (ValueError, KeyError) as error:  # unknown to this transformers, or needs a GPU kernel here
+        pytest.skip(f"transformers {transformers.__version__} builds no {model_type} model here: {error}")
+    models = [recurrent, tiny_model_for_tokenizer("llama", toks[1], seed=61)]
+    ensemble = Ensemble(models, toks, k=4, sync=sync)
+    with pytest.raises(ValueError, match=r"models\[0\].*layers, whose state.*use batch_size=1"):
+        ensemble.generate(PROMPTS, max_new_tokens=4, batch_size=2, progress=False)
+    if sync == "exact":
+        ensemble._synchronizers[0] = rolling = RollBackOneMore(ensemble._synchronizers[0])
+    recorder = Recorder(keep_logits=True)
+    try:
+        ensemble.generate(PROMPTS, max_new_tokens=12, batch_size=1, on_step=recorder, progress=False)
+    except RuntimeError as error:  # older transformers: some of these models build no cache themselves
+        assert "built no cache of its own" in str(error)
+        assert int(transformers.__version__.split(".")[0]) < 5
+        return
+    # Chunked (prompt) and step-by-step (decode) scans of a recurrence round differently: 1e-3, where a
+    # state that kept rolled-back tokens is off by 1e-2 and more.
+    assert steps_with_slots_between_tokens(recorder, models, "cpu", atol=1e-3) == 0
+    if sync == "exact":
+        assert rolling.rollbacks >= 30
+    else:  # some chosen tokens took several of the model's tokens: chunks after the first of several tokens
+        growth = [
+            len(b) - len(a)
+            for (_, i), seen in recorder.continuations.items()
+            if i == 0
+            for a, b in zip(seen, seen[1:], strict=False)
+        ]
+        assert max(growth) >= 2
 
 
 @pytest.mark.parametrize(("architecture", "layer_type", "overrides"), LOCAL_ATTENTION_CASES[::4])

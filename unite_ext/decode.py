@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import transformers
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -106,14 +107,26 @@ class _Member:
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.keeps_last_logits = "logits_to_keep" in parameters
         config = model.config.get_text_config()
-        if recurrent := _recurrent_layers(model, config):
+        recurrent = _recurrent_layers(model, config)
+        if recurrent and config.model_type not in _RECURRENT_MODELS:
             raise ValueError(
-                f"{self.name} has {recurrent} layers: their state carries every token read so far, so the "
-                "ensemble cannot take back the padding and rolled-back tokens that it masks in a KV cache; "
-                "only attention models can be ensembled"
+                f"{self.name} has {recurrent} layers, and model type {config.model_type!r} is not among "
+                f"the recurrent models the ensemble decodes ({', '.join(_RECURRENT_MODELS)}): their state "
+                "carries every token read so far, and each is checked to reread its tokens after a rollback"
             )
+        # A recurrent state cannot take back a token: such a model reads its tokens again after a rollback
+        # (see _ModelBatch.forward), and cannot share a batch with other rows (their padding would enter it).
+        self.recurrent = bool(recurrent)
         self.local_attention = _local_attention(self.name, config, model.get_input_embeddings().weight.dtype)
-        self.distances_by_slot = config.model_type in _SLOT_DISTANCE_MODELS
+        # Why this model decodes one row at a time, if it must.
+        self.one_row_reason = (
+            f"has {recurrent} layers, whose state would take in the padding between a batch row's tokens"
+            if recurrent
+            else "biases attention by distances in cache slots, which the masked padding and rolled-back "
+            "slots between a batch row's tokens would stretch"
+            if config.model_type in _SLOT_DISTANCE_MODELS
+            else None
+        )
         # Learned position embeddings end at the context length (positions past it index out of range);
         # RoPE without scaling has not been trained past it. Scaled RoPE is meant to reach beyond it.
         self.context_limit = None if _scales_rope(config) else context_length(config)
@@ -125,6 +138,21 @@ _SLOT_DISTANCE_MODELS = ("mpt",)
 # Hugging Face's layer types that carry a state from token to token (state-space, linear-attention and
 # convolution layers) instead of keeping one KV-cache slot per token.
 _RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding")
+# Models with recurrent layers whose decoding, in the cache the model builds itself and in chunks of any
+# number of tokens, matches a fresh pass (tests/test_decode.py checks each). Others may not: Mamba's
+# does not, nor Jamba's on chunks of several tokens after the first.
+_RECURRENT_MODELS = (
+    "qwen3_next",
+    "qwen3_5_text",
+    "qwen3_5_moe_text",
+    "lfm2",
+    "lfm2_moe",
+    "granitemoehybrid",
+    "falcon_h1",
+    "bamba",
+    "nemotron_h",
+    "mamba2",
+)
 
 
 def _recurrent_layers(model: PreTrainedModel, config: Any) -> str:
@@ -282,7 +310,9 @@ class _ModelBatch:
     def __init__(self, member: _Member, prompts: list[list[int]], stream: torch.cuda.Stream | None):
         self.member = member
         self.stream = stream
-        self.cache = DynamicCache()
+        # A recurrent model builds its own cache (its recurrent layers need their own kind of layer cache).
+        self.cache: Any = None if member.recurrent else DynamicCache()
+        self.restart = False  # a recurrent model must read its rows' kept tokens again (after a rollback)
         self.key_positions = torch.full((len(prompts), max(len(p) for p in prompts)), -1, dtype=torch.long)
         self.length = 0
         self.prompts = prompts
@@ -294,6 +324,11 @@ class _ModelBatch:
 
         Returns the logits [B, V] after each row's last token.
         """
+        if self.restart:  # a recurrent state cannot drop tokens: read every kept token again
+            feeds = [prompt + c.tokens for prompt, c in zip(self.prompts, self.continuations, strict=True)]
+            self.cache, self.length, self.restart = None, 0, False
+            self.slots = [[] for _ in feeds]
+            self.key_positions.fill_(-1)
         batch, length = len(feeds), self.length
         chunk = max(len(f) for f in feeds)
         if length + chunk > self.key_positions.shape[1]:
@@ -334,7 +369,15 @@ class _ModelBatch:
         }
         if self.member.keeps_last_logits:
             kwargs["logits_to_keep"] = 1
-        return self.member.model(**kwargs).logits[:, -1, :]
+        output = self.member.model(**kwargs)
+        if self.cache is None:
+            self.cache = getattr(output, "past_key_values", None)
+            if self.cache is None:
+                raise RuntimeError(
+                    f"{self.member.name} built no cache of its own when given none; this version of "
+                    f"transformers ({transformers.__version__}) cannot decode it here: try a newer one"
+                )
+        return output.logits[:, -1, :]
 
     def exceeds_context(self, row: int, feed: list[int]) -> bool:
         """Whether feeding `feed` to `row` would take it past the model's context length."""
@@ -346,9 +389,12 @@ class _ModelBatch:
         dropped = self.slots[row][-count:]
         del self.slots[row][-count:]
         self.key_positions[row, dropped] = -1
+        self.restart = self.restart or self.member.recurrent
 
     def crop(self) -> None:
         """Remove the trailing cache slots that no row keeps."""
+        if self.member.recurrent:  # its cache cannot be cut: it restarts instead (see forward)
+            return
         used = max(slots[-1] + 1 for slots in self.slots)
         if used < self.length:
             self.cache.crop(used - self.length)
@@ -674,11 +720,8 @@ class Ensemble:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if batch_size > 1 and len(rows) > 1 and (slotted := [m for m in self.members if m.distances_by_slot]):
-            raise ValueError(
-                f"{slotted[0].name} biases attention by distances in cache slots, which the masked padding "
-                "and rolled-back slots between a batch row's tokens would stretch; use batch_size=1"
-            )
+        if batch_size > 1 and len(rows) > 1 and (single := [m for m in self.members if m.one_row_reason]):
+            raise ValueError(f"{single[0].name} {single[0].one_row_reason}; use batch_size=1")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
