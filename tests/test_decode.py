@@ -396,6 +396,24 @@ RECURRENT_CASES = {
 }
 
 
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="recurrent models need transformers 5"
+)
+def test_a_recurrent_model_that_builds_no_cache_is_an_error(toy_tokenizers, monkeypatch) -> None:
+    tokenizer = toy_tokenizers["toy_byte"]
+    model = tiny_auto_model("lfm2", tokenizer, **RECURRENT_CASES["lfm2"])
+    forward = model.forward
+
+    def forward_without_cache(**kwargs):
+        output = forward(**kwargs)
+        output.past_key_values = None
+        return output
+
+    monkeypatch.setattr(model, "forward", forward_without_cache)
+    with pytest.raises(RuntimeError, match=r"models\[0\].*built no cache of its own"):
+        Ensemble([model], [tokenizer]).generate(PROMPTS[:1], max_new_tokens=2, progress=False)
+
+
 class RollBackOneMore:
     """A synchroniser that takes back one more token than `inner` asks for and feeds it again: the same
     tokens, through a rollback at every step."""
@@ -425,18 +443,19 @@ def test_recurrent_models_decode_one_row_at_a_time(toy_tokenizers, model_type: s
     except (ValueError, KeyError) as error:  # unknown to this transformers, or needs a GPU kernel here
         pytest.skip(f"transformers {transformers.__version__} builds no {model_type} model here: {error}")
     models = [recurrent, tiny_model_for_tokenizer("llama", toks[1], seed=61)]
+    if int(transformers.__version__.split(".")[0]) < 5:
+        with pytest.raises(
+            ValueError, match=r"models\[0\].*layers, which the ensemble decodes with transformers >= 5"
+        ):
+            Ensemble(models, toks)
+        return
     ensemble = Ensemble(models, toks, k=4, sync=sync)
     with pytest.raises(ValueError, match=r"models\[0\].*layers, whose state.*use batch_size=1"):
         ensemble.generate(PROMPTS, max_new_tokens=4, batch_size=2, progress=False)
     if sync == "exact":
         ensemble._synchronizers[0] = rolling = RollBackOneMore(ensemble._synchronizers[0])
     recorder = Recorder(keep_logits=True)
-    try:
-        ensemble.generate(PROMPTS, max_new_tokens=12, batch_size=1, on_step=recorder, progress=False)
-    except RuntimeError as error:  # older transformers: some of these models build no cache themselves
-        assert "built no cache of its own" in str(error)
-        assert int(transformers.__version__.split(".")[0]) < 5
-        return
+    ensemble.generate(PROMPTS, max_new_tokens=12, batch_size=1, on_step=recorder, progress=False)
     # Chunked (prompt) and step-by-step (decode) scans of a recurrence round differently: 1e-3, where a
     # state that kept rolled-back tokens is off by 1e-2 and more.
     assert steps_with_slots_between_tokens(recorder, models, "cpu", atol=1e-3) == 0

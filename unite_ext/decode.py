@@ -114,6 +114,11 @@ class _Member:
                 f"the recurrent models the ensemble decodes ({', '.join(_RECURRENT_MODELS)}): their state "
                 "carries every token read so far, and each is checked to reread its tokens after a rollback"
             )
+        if recurrent and int(transformers.__version__.split(".")[0]) < 5:  # 4.x: cached chunks of 1 token
+            raise ValueError(
+                f"{self.name} has {recurrent} layers, which the ensemble decodes with transformers >= 5 "
+                f"(installed: {transformers.__version__})"
+            )
         # A recurrent state cannot take back a token: such a model reads its tokens again after a rollback
         # (see _ModelBatch.forward), and cannot share a batch with other rows (their padding would enter it).
         self.recurrent = bool(recurrent)
@@ -373,10 +378,7 @@ class _ModelBatch:
         if self.cache is None:
             self.cache = getattr(output, "past_key_values", None)
             if self.cache is None:
-                raise RuntimeError(
-                    f"{self.member.name} built no cache of its own when given none; this version of "
-                    f"transformers ({transformers.__version__}) cannot decode it here: try a newer one"
-                )
+                raise RuntimeError(f"{self.member.name} built no cache of its own when given none")
         return output.logits[:, -1, :]
 
     def exceeds_context(self, row: int, feed: list[int]) -> bool:
