@@ -29,7 +29,7 @@ ratios of runs made one after the other.
 
     python bench/bench_decode.py [--device cpu|cuda] [--new-tokens 64 256 512] [--repeats 3]
                                  [--hidden-size 64] [--layers 2] [--threads N] [--tokenizers real|trained]
-                                 [--prompt gsm8k|short]
+                                 [--prompt gsm8k|short] [--second llama|<recurrent model type>]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tiny model builders
 
 from shared_data import real_tokenizer_dir  # noqa: E402
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import RECURRENT_OVERRIDES, tiny_auto_model, tiny_causal_lm  # noqa: E402
 
 from unite_ext.decode import Ensemble  # noqa: E402
 from unite_ext.step import ensemble_step  # noqa: E402
@@ -80,15 +80,39 @@ def load_tokenizers(kind: str) -> tuple[str, list[PreTrainedTokenizerBase], list
 
 
 def build_models(
-    toks: list[PreTrainedTokenizerBase], vocab_sizes: list[int], hidden_size: int, layers: int, device: str
+    toks: list[PreTrainedTokenizerBase],
+    vocab_sizes: list[int],
+    hidden_size: int,
+    layers: int,
+    device: str,
+    second: str,
 ) -> list[PreTrainedModel]:
-    architectures = ("qwen2", "llama")
-    return [
-        tiny_causal_lm(
-            arch, size, seed=i, hidden_size=hidden_size, num_layers=layers, eos_token_id=tok.eos_token_id
-        ).to(device)
-        for i, (arch, size, tok) in enumerate(zip(architectures, vocab_sizes, toks, strict=True))
-    ]
+    """A Qwen2-style model and a `second` one: Llama-style, or a recurrent model type."""
+    first = tiny_causal_lm(
+        "qwen2",
+        vocab_sizes[0],
+        seed=0,
+        hidden_size=hidden_size,
+        num_layers=layers,
+        eos_token_id=toks[0].eos_token_id,
+    )
+    if second == "llama":
+        other = tiny_causal_lm(
+            "llama",
+            vocab_sizes[1],
+            seed=1,
+            hidden_size=hidden_size,
+            num_layers=layers,
+            eos_token_id=toks[1].eos_token_id,
+        )
+    else:
+        sizes = {
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": layers,
+        }
+        other = tiny_auto_model(second, toks[1], seed=1, **{**RECURRENT_OVERRIDES[second], **sizes})
+    return [first.to(device), other.to(device)]
 
 
 def synchronize(device: str) -> None:
@@ -129,13 +153,16 @@ def members_decode(
                 "input_ids": torch.tensor([prompt_ids], device=device),
                 "attention_mask": torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
                 "position_ids": torch.arange(len(prompt_ids), device=device)[None],
-                member.cache_argument: DynamicCache(),
+                # A recurrent model builds its own cache, as in the ensemble.
+                member.cache_argument: None if member.recurrent else DynamicCache(),
             }
         )
     steps = new_tokens if feeds is None else len(feeds) + 1
     for step in range(steps):
         for i, (member, state) in enumerate(zip(ensemble.members, states, strict=True)):
-            logits = member.model(**state, use_cache=True, logits_to_keep=1).logits[:, -1]
+            output = member.model(**state, use_cache=True, logits_to_keep=1)
+            state[member.cache_argument] = output.past_key_values
+            logits = output.logits[:, -1]
             count = 1 if feeds is None or step == steps - 1 else feeds[step][i]
             state["input_ids"] = logits.argmax(-1, keepdim=True).expand(1, count)
             state["attention_mask"] = torch.cat(
@@ -232,6 +259,13 @@ def main() -> None:
         "trained: two small tokenizers trained here",
     )
     parser.add_argument(
+        "--second",
+        choices=("llama", *sorted(RECURRENT_OVERRIDES)),
+        default="llama",
+        help="the second model: Llama-style (default) or a recurrent model type, whose rollbacks (exact "
+        "sync) read the row's tokens again",
+    )
+    parser.add_argument(
         "--prompt",
         choices=tuple(PROMPTS),
         default="gsm8k",
@@ -243,7 +277,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     description, toks, vocab_sizes = load_tokenizers(args.tokenizers)
-    models = build_models(toks, vocab_sizes, args.hidden_size, args.layers, args.device)
+    models = build_models(toks, vocab_sizes, args.hidden_size, args.layers, args.device, args.second)
     ensembles = {sync: Ensemble(models, toks, sync=sync) for sync in ("exact", "fast")}
     reference = ensembles["exact"]
     for ensemble in ensembles.values():  # warm up (tables on the device, allocator, kernels)
@@ -256,7 +290,7 @@ def main() -> None:
     )
 
     print(
-        f"device {args.device}, tokenizers {description}, logits {vocab_sizes}, "
+        f"device {args.device}, tokenizers {description}, logits {vocab_sizes}, models qwen2+{args.second}, "
         f"hidden {args.hidden_size}, {args.layers} layers, torch threads {torch.get_num_threads()}"
     )
     prompt_tokens = [len(m.tokenizer(prompt)["input_ids"]) for m in reference.members]

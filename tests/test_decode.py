@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from decode_checks import CORPUS, PROMPTS, Recorder, common_prefix, steps_with_slots_between_tokens
-from tiny_models import tiny_auto_model, tiny_causal_lm, tiny_model_for_tokenizer
+from tiny_models import RECURRENT_OVERRIDES, tiny_auto_model, tiny_causal_lm, tiny_model_for_tokenizer
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 import unite_ext.decode
@@ -315,93 +315,12 @@ def test_unchecked_recurrent_models_are_refused(toy_tokenizers, model_type: str,
         Ensemble([model], [tokenizer])
 
 
-# Tiny configs of the recurrent (hybrid) models the ensemble decodes: linear attention, convolutions,
-# Mamba-2 layers, next to full attention.
-RECURRENT_CASES = {
-    "qwen3_next": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_num_value_heads": 2,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "num_experts": 2,
-        "num_experts_per_tok": 1,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "head_dim": 8,
-    },
-    "qwen3_5_text": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_num_value_heads": 2,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "head_dim": 8,
-    },
-    "qwen3_5_moe_text": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_num_value_heads": 2,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "num_experts": 2,
-        "num_experts_per_tok": 2,  # both experts: no routing choice for rounding to flip
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "head_dim": 8,
-    },
-    "lfm2": {"layer_types": ["conv", "full_attention"]},
-    "lfm2_moe": {
-        "layer_types": ["conv", "full_attention"],
-        "num_experts": 2,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "num_dense_layers": 1,
-    },
-    "granitemoehybrid": {
-        "layer_types": ["mamba", "attention"],
-        "mamba_n_heads": 4,
-        "mamba_d_head": 16,
-        "mamba_n_groups": 1,
-        "mamba_d_state": 8,
-        "mamba_expand": 2,
-    },
-    "falcon_h1": {
-        "mamba_n_heads": 4,
-        "mamba_d_head": 16,
-        "mamba_n_groups": 1,
-        "mamba_d_ssm": 64,
-        "mamba_d_state": 8,
-        "mamba_expand": 2,
-        "head_dim": 8,
-    },
-    "bamba": {
-        "attn_layer_indices": [1],
-        "mamba_n_heads": 4,
-        "mamba_d_head": 16,
-        "mamba_n_groups": 1,
-        "mamba_d_state": 8,
-        "mamba_expand": 2,
-    },
-    "nemotron_h": {
-        "hybrid_override_pattern": "M*",
-        "mamba_num_heads": 4,
-        "mamba_head_dim": 16,
-        "n_groups": 1,
-        "ssm_state_size": 8,
-        "expand": 2,
-        "head_dim": 8,
-    },
-    "mamba2": {"num_heads": 4, "head_dim": 16, "n_groups": 1, "state_size": 8, "expand": 2},
-}
-
-
 @pytest.mark.skipif(
     int(transformers.__version__.split(".")[0]) < 5, reason="recurrent models need transformers 5"
 )
 def test_a_recurrent_model_that_builds_no_cache_is_an_error(toy_tokenizers, monkeypatch) -> None:
     tokenizer = toy_tokenizers["toy_byte"]
-    model = tiny_auto_model("lfm2", tokenizer, **RECURRENT_CASES["lfm2"])
+    model = tiny_auto_model("lfm2", tokenizer, **RECURRENT_OVERRIDES["lfm2"])
     forward = model.forward
 
     def forward_without_cache(**kwargs):
@@ -432,14 +351,14 @@ class RollBackOneMore:
 
 
 @pytest.mark.parametrize("sync", ["exact", "fast"])
-@pytest.mark.parametrize("model_type", sorted(RECURRENT_CASES))
+@pytest.mark.parametrize("model_type", sorted(RECURRENT_OVERRIDES))
 def test_recurrent_models_decode_one_row_at_a_time(toy_tokenizers, model_type: str, sync: str) -> None:
     """A model with recurrent layers cannot take back a token: it decodes one row at a time and reads its
     tokens again after a rollback (here, in exact mode, one at every step). Every step's logits are those
     of a fresh pass over the row's tokens."""
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
     try:
-        recurrent = tiny_auto_model(model_type, toks[0], seed=60, **RECURRENT_CASES[model_type])
+        recurrent = tiny_auto_model(model_type, toks[0], seed=60, **RECURRENT_OVERRIDES[model_type])
     except (ValueError, KeyError) as error:  # unknown to this transformers, or needs a GPU kernel here
         pytest.skip(f"transformers {transformers.__version__} builds no {model_type} model here: {error}")
     models = [recurrent, tiny_model_for_tokenizer("llama", toks[1], seed=61)]

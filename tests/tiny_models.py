@@ -145,6 +145,87 @@ def tiny_causal_lm(
     return model.to(dtype).eval()
 
 
+# `tiny_auto_model` overrides for the recurrent (hybrid) models the ensemble decodes: linear attention,
+# convolutions, Mamba-2 layers, next to full attention.
+RECURRENT_OVERRIDES: dict[str, dict[str, Any]] = {
+    "qwen3_next": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_value_heads": 2,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "num_experts": 2,
+        "num_experts_per_tok": 1,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+        "head_dim": 8,
+    },
+    "qwen3_5_text": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_value_heads": 2,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "head_dim": 8,
+    },
+    "qwen3_5_moe_text": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_value_heads": 2,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "num_experts": 2,
+        "num_experts_per_tok": 2,  # both experts: no routing choice for rounding to flip
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+        "head_dim": 8,
+    },
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
+    "lfm2_moe": {
+        "layer_types": ["conv", "full_attention"],
+        "num_experts": 2,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "num_dense_layers": 1,
+    },
+    "granitemoehybrid": {
+        "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_n_groups": 1,
+        "mamba_d_state": 8,
+        "mamba_expand": 2,
+    },
+    "falcon_h1": {
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_n_groups": 1,
+        "mamba_d_ssm": 64,
+        "mamba_d_state": 8,
+        "mamba_expand": 2,
+        "head_dim": 8,
+    },
+    "bamba": {
+        "attn_layer_indices": [1],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_n_groups": 1,
+        "mamba_d_state": 8,
+        "mamba_expand": 2,
+    },
+    "nemotron_h": {
+        "hybrid_override_pattern": "M*",
+        "mamba_num_heads": 4,
+        "mamba_head_dim": 16,
+        "n_groups": 1,
+        "ssm_state_size": 8,
+        "expand": 2,
+        "head_dim": 8,
+    },
+    "mamba2": {"num_heads": 4, "head_dim": 16, "n_groups": 1, "state_size": 8, "expand": 2},
+}
+
+
 def tiny_auto_model(model_type: str, tokenizer, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A tiny random model of any Hugging Face `model_type` (through `AutoConfig`, whose common argument
     names every config maps), sized for `tokenizer`; `overrides` are further config arguments."""
