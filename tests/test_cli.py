@@ -190,6 +190,35 @@ def test_generate_ensemble_with_messages(checkpoints, tmp_path, capsys):
     assert streamed == reference[0].text + "\n"
 
 
+def test_chat_template_kwargs_reach_the_generation_calls(
+    checkpoints, piqa_file, tmp_path, capsys, monkeypatch
+):
+    from unite_ext.decode import Ensemble
+
+    seen = []
+    generate = Ensemble.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("chat_template_kwargs"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ensemble, "generate", spy)
+    model, variables = str(checkpoints["byte"]), '{"enable_thinking": false}'
+    assert main(["generate", "--model", model, "--chat", "--chat-template-kwargs", variables,
+                 "--prompt", "Hi", "--max-new-tokens", "2"]) == 0  # fmt: skip
+    out = tmp_path / "chat.jsonl"
+    assert main(["eval", "--task", "piqa", "--data", str(piqa_file), "--model", model, "--chat",
+                 "--chat-template-kwargs", variables, "--limit", "2", "--max-new-tokens", "2",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert seen == [{"enable_thinking": False}] * 2
+    assert read_lines(out)[0]["run"]["chat_template_kwargs"] == {"enable_thinking": False}
+    capsys.readouterr()
+    assert main(["generate", "--model", model, "--chat-template-kwargs", variables, "--prompt", "Hi"]) == 2
+    assert "--chat-template-kwargs applies to chat templates" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", model, "--chat", "--chat-template-kwargs", "[1]", "--prompt", "Hi"])
+
+
 def test_bench_passes_its_arguments_through(monkeypatch):
     seen = []
     module = types.ModuleType("unite_ext.benchmark")

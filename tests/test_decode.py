@@ -590,6 +590,44 @@ def test_prompts_and_chat_messages_use_each_tokenizers_rules(tokenizers) -> None
         plain.generate(messages=conversations, max_new_tokens=1, progress=False)
 
 
+def test_chat_template_kwargs_reach_each_template(toy_tokenizers) -> None:
+    """Variables for the chat templates (Qwen3's enable_thinking, say): one dict for every model, or one
+    per model; each model's prompt is its own tokenizer's rendering with them."""
+    toks = [copy.deepcopy(toy_tokenizers[name]) for name in ("toy_byte", "toy_sp")]
+    for tokenizer in toks:
+        tokenizer.chat_template = (
+            CHAT_TEMPLATE + "{% if not (enable_thinking | default(true)) %} quiet{% endif %}"
+        )
+    models = [tiny_model_for_tokenizer("llama", tokenizer, seed=70 + i) for i, tokenizer in enumerate(toks)]
+    ensemble = Ensemble(models, toks)
+    conversations = [[{"role": "user", "content": "What is 2+2?"}]]
+
+    def prompt_tokens(**kwargs) -> list[list[int]]:
+        recorder = Recorder(keep_logits=True)
+        ensemble.generate(
+            messages=conversations, max_new_tokens=1, on_step=recorder, progress=False, **kwargs
+        )
+        return [tokens[0] for tokens in recorder.traces[0].tokens]
+
+    def rendered(tokenizer, **variables) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            conversations[0], add_generation_prompt=True, tokenize=False, **variables
+        )
+        assert text.endswith(" quiet") == (variables == {"enable_thinking": False})
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    quiet = {"enable_thinking": False}
+    assert prompt_tokens() == [rendered(t) for t in toks]
+    assert prompt_tokens(chat_template_kwargs=quiet) == [rendered(t, **quiet) for t in toks]
+    assert prompt_tokens(chat_template_kwargs=[{}, quiet]) == [rendered(toks[0]), rendered(toks[1], **quiet)]
+    with pytest.raises(ValueError, match="chat_template_kwargs apply to chat templates: pass messages"):
+        ensemble.generate(["Hi"], chat_template_kwargs=quiet, progress=False)
+    with pytest.raises(ValueError, match="chat_template_kwargs has 1 entries but there are 2 models"):
+        ensemble.generate(messages=conversations, chat_template_kwargs=[quiet], progress=False)
+    with pytest.raises(TypeError, match="chat_template_kwargs must be a dict"):
+        ensemble.generate(messages=conversations, chat_template_kwargs=[quiet, "x"], progress=False)
+
+
 def test_from_pretrained_loads_local_folders(tokenizers, tmp_path: Path) -> None:
     toks = [tokenizers["toy_byte"], tokenizers["toy_sp"]]
     models = [

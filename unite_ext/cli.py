@@ -64,6 +64,33 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chat", action="store_true", help="send each prompt as a user message in the models' chat templates"
     )
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="variables of every chat template, e.g. '{\"enable_thinking\": false}' (chat templates only)",
+    )
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object given on the command line."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text}")
+    return value
+
+
+def chat_template_kwargs(args: argparse.Namespace, chat: bool) -> dict[str, Any]:
+    """``--chat-template-kwargs`` as keyword arguments of the generation calls (none when not given)."""
+    if args.chat_template_kwargs is None:
+        return {}
+    if not chat:
+        raise ValueError("--chat-template-kwargs applies to chat templates: add --chat (or use chat specs)")
+    return {"chat_template_kwargs": args.chat_template_kwargs}
 
 
 def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
@@ -128,11 +155,13 @@ def run_eval(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens or task.max_new_tokens,
     }
     chat = uses_chat(specs)
+    template = chat_template_kwargs(args, chat)
+    run.update(template)
     result = evaluate(
         task,
         examples,
         lazy_generator(
-            lambda: ensemble_generator(build_ensemble(specs, k=args.k, sync=args.sync), chat=chat)
+            lambda: ensemble_generator(build_ensemble(specs, k=args.k, sync=args.sync), chat=chat, **template)
         ),
         args.out,
         run=run,
@@ -153,8 +182,12 @@ def run_select(args: argparse.Namespace) -> int:
         raise ValueError("--candidates lists a model twice")
     task, examples = load_examples(args)
 
+    template = chat_template_kwargs(args, uses_chat(candidates))
+
     def generator_for(spec: ModelSpec) -> GenerateFn:
-        return lazy_generator(lambda: ensemble_generator(build_ensemble([spec]), chat=uses_chat([spec])))
+        return lazy_generator(
+            lambda: ensemble_generator(build_ensemble([spec]), chat=uses_chat([spec]), **template)
+        )
 
     stats = evaluate_candidates(
         task,
@@ -211,6 +244,7 @@ def run_generate(args: argparse.Namespace) -> int:
         inputs = {"messages": [[{"role": "user", "content": args.prompt}]]}
     else:
         inputs = {"prompts": [args.prompt]}
+    inputs.update(chat_template_kwargs(args, "messages" in inputs))
     ensemble = build_ensemble(specs, k=args.k, sync=args.sync)
 
     def stream(row: int, delta: str) -> None:

@@ -629,7 +629,10 @@ class Ensemble:
         return self._tables_on[device]
 
     def _encode_prompts(
-        self, prompts: str | Sequence[str] | None, messages: Sequence[Sequence[dict]] | None
+        self,
+        prompts: str | Sequence[str] | None,
+        messages: Sequence[Sequence[dict]] | None,
+        chat_template_kwargs: dict[str, Any] | list[dict[str, Any]] | None,
     ) -> list[list[list[int]]]:
         """Token ids of every prompt for every model: [row][model]."""
         if prompts is None and messages is None:
@@ -638,6 +641,11 @@ class Ensemble:
             )
         if prompts is not None and messages is not None:
             raise ValueError("pass either prompts or messages, not both")
+        if chat_template_kwargs is not None and messages is None:
+            raise ValueError("chat_template_kwargs apply to chat templates: pass messages, not prompts")
+        template_kwargs = _per_model(chat_template_kwargs or {}, len(self.members), "chat_template_kwargs")
+        if not all(isinstance(kwargs, dict) for kwargs in template_kwargs):
+            raise TypeError("chat_template_kwargs must be a dict, or a list of one dict per model")
         if prompts is not None:
             texts = [prompts] if isinstance(prompts, str) else list(prompts)
             if not texts:
@@ -663,7 +671,9 @@ class Ensemble:
             rows = [
                 [
                     m.tokenizer(
-                        m.tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False),
+                        m.tokenizer.apply_chat_template(
+                            list(c), add_generation_prompt=True, tokenize=False, **template_kwargs[m.index]
+                        ),
                         add_special_tokens=False,
                     )["input_ids"]
                     for m in self.members
@@ -699,6 +709,7 @@ class Ensemble:
         *,
         on_step: Callable[[StepTrace], None] | None = None,
         progress: bool = True,
+        chat_template_kwargs: dict[str, Any] | list[dict[str, Any]] | None = None,
     ) -> list[Generation]:
         """Generate one continuation per prompt (or per conversation), in the order given.
 
@@ -716,8 +727,12 @@ class Ensemble:
             on_step: called with a `StepTrace` before every ensemble step (inspection; it must not
                 modify what it is given).
             progress: show a progress bar over batches. Default True.
+            chat_template_kwargs: further variables of the chat templates that render `messages` (e.g.
+                `{"enable_thinking": False}` for Qwen3's), for every model, or a list with one dict per
+                model. A template ignores the variables it does not use.
         """
-        rows = [_Row(index, ids) for index, ids in enumerate(self._encode_prompts(prompts, messages))]
+        encoded = self._encode_prompts(prompts, messages, chat_template_kwargs)
+        rows = [_Row(index, ids) for index, ids in enumerate(encoded)]
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

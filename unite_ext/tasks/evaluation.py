@@ -36,15 +36,15 @@ class GenerateFn(Protocol):
     ) -> Sequence[GenerationLike]: ...
 
 
-def ensemble_generator(ensemble: Any, *, chat: bool = False, **sampling: Any) -> GenerateFn:
+def ensemble_generator(ensemble: Any, *, chat: bool = False, **options: Any) -> GenerateFn:
     """The generation function of a :class:`unite_ext.decode.Ensemble`.
 
     Args:
         ensemble: the ensemble (one model for a single-model baseline).
         chat: send each prompt as one user message in every model's chat template (default false:
             the prompt text as it is).
-        sampling: further ``Ensemble.generate`` arguments (``do_sample``, ``temperature``, ``top_p``,
-            ``seed``); default greedy.
+        options: further ``Ensemble.generate`` arguments: sampling (``do_sample``, ``temperature``,
+            ``top_p``, ``seed``; default greedy) and ``chat_template_kwargs``.
     """
 
     def generate(prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> Sequence[GenerationLike]:
@@ -59,7 +59,7 @@ def ensemble_generator(ensemble: Any, *, chat: bool = False, **sampling: Any) ->
             stop=stop,
             batch_size=len(prompts),
             progress=False,
-            **sampling,
+            **options,
         )
 
     return generate
