@@ -9,12 +9,18 @@ import math
 import numpy as np
 import pytest
 import torch
+import transformers
 
 lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
-from tiny_models import save_tiny_checkpoint, tiny_model_for_tokenizer  # noqa: E402
+from tiny_models import (  # noqa: E402
+    RECURRENT_OVERRIDES,
+    save_tiny_checkpoint,
+    tiny_auto_model,
+    tiny_model_for_tokenizer,
+)
 
 from unite_ext.decode import Ensemble  # noqa: E402
 from unite_ext.lm_eval import UniteLM, combine_loglikelihoods  # noqa: E402
@@ -97,6 +103,35 @@ def test_loglikelihood_is_the_weighted_mixture_of_each_models_score(members):
         expected = float(np.logaddexp(math.log(0.3) + scores[0], math.log(0.7) + scores[1]))
         assert value == pytest.approx(expected, abs=1e-4)
         assert greedy is False
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="recurrent models need transformers 5"
+)
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "lfm2"])
+def test_a_recurrent_model_in_the_harness(members, model_type):
+    """Batched, left-padded scoring is exact for a recurrent model too (padding enters its state as zeros,
+    which leave it empty); generation falls back to one row at a time."""
+    _, tokenizer = members[0]
+    model = tiny_auto_model(model_type, tokenizer, seed=8, **RECURRENT_OVERRIDES[model_type])
+    ensemble = Ensemble([model], [tokenizer])
+    lm = UniteLM(ensemble=ensemble, batch_size=3, greedy_check=False)
+    pairs = [
+        ("The quick brown", " fox jumps"),
+        ("Numbers such as 3.14159, 42 and", " 1,000,000."),
+        ("A", " b"),
+    ]
+    values = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
+    for (context, continuation), (value, _) in zip(pairs, values, strict=True):
+        context_ids = tokenizer(context)["input_ids"]
+        continuation_ids = ensemble.tables.encode_mid_text(0, continuation.encode())
+        assert value == pytest.approx(reference_loglikelihood(model, context_ids, continuation_ids), abs=1e-4)
+    settings = {"until": ["\n"], "max_gen_toks": 6}
+    with pytest.warns(UserWarning, match="decoding one row at a time"):
+        outputs = lm.generate_until([request("generate_until", c, dict(settings)) for c, _ in pairs])
+    assert outputs == [
+        ensemble.generate([c], max_new_tokens=6, stop="\n", progress=False)[0].text for c, _ in pairs
+    ]
 
 
 def test_is_greedy_follows_the_ensembles_own_generation(members):

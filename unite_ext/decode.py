@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -722,7 +723,8 @@ class Ensemble:
             do_sample: sample (with `temperature` and `top_p`) instead of the greedy choice. Default False.
             temperature, top_p: sampling parameters (only with do_sample). Defaults 1.0 and 1.0.
             seed: seed of the sampling random numbers; None uses torch's global generator.
-            batch_size: rows decoded together. Default 8.
+            batch_size: rows decoded together. Default 8; 1 (with a warning) for models that decode one row
+                at a time (recurrent layers, MPT).
             stream: called as stream(row_index, text_delta) whenever a row's text grows.
             on_step: called with a `StepTrace` before every ensemble step (inspection; it must not
                 modify what it is given).
@@ -738,7 +740,13 @@ class Ensemble:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if batch_size > 1 and len(rows) > 1 and (single := [m for m in self.members if m.one_row_reason]):
-            raise ValueError(f"{single[0].name} {single[0].one_row_reason}; use batch_size=1")
+            # The same texts as in batches, only slower.
+            warnings.warn(
+                f"{single[0].name} {single[0].one_row_reason}: decoding one row at a time "
+                f"(batch_size 1, not {batch_size})",
+                stacklevel=2,
+            )
+            batch_size = 1
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
