@@ -88,23 +88,15 @@ def build_models(
     second: str,
 ) -> list[PreTrainedModel]:
     """A Qwen2-style model and a `second` one: Llama-style, or a recurrent model type."""
-    first = tiny_causal_lm(
-        "qwen2",
-        vocab_sizes[0],
-        seed=0,
-        hidden_size=hidden_size,
-        num_layers=layers,
-        eos_token_id=toks[0].eos_token_id,
-    )
-    if second == "llama":
-        other = tiny_causal_lm(
-            "llama",
-            vocab_sizes[1],
-            seed=1,
-            hidden_size=hidden_size,
-            num_layers=layers,
-            eos_token_id=toks[1].eos_token_id,
+
+    def attention_model(architecture: str, i: int) -> PreTrainedModel:
+        size, eos = vocab_sizes[i], toks[i].eos_token_id
+        return tiny_causal_lm(
+            architecture, size, seed=i, hidden_size=hidden_size, num_layers=layers, eos_token_id=eos
         )
+
+    if second == "llama":
+        other = attention_model("llama", 1)
     else:
         sizes = {
             "hidden_size": hidden_size,
@@ -112,7 +104,7 @@ def build_models(
             "num_hidden_layers": layers,
         }
         other = tiny_auto_model(second, toks[1], seed=1, **{**RECURRENT_OVERRIDES[second], **sizes})
-    return [first.to(device), other.to(device)]
+    return [attention_model("qwen2", 0).to(device), other.to(device)]
 
 
 def synchronize(device: str) -> None:

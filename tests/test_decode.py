@@ -336,6 +336,10 @@ def test_a_recurrent_model_that_builds_no_cache_is_an_error(toy_tokenizers, monk
         Ensemble([model], [tokenizer]).generate(PROMPTS[:1], max_new_tokens=2, progress=False)
 
 
+def test_every_decoded_recurrent_model_type_is_checked() -> None:
+    assert set(RECURRENT_OVERRIDES) == set(unite_ext.decode._RECURRENT_MODELS)
+
+
 class RollBackOneMore:
     """A synchroniser that takes back one more token than `inner` asks for and feeds it again: the same
     tokens, through a rollback at every step."""

@@ -145,74 +145,31 @@ def tiny_causal_lm(
     return model.to(dtype).eval()
 
 
+# Pieces of the recurrent configs below: a gated-delta-net layer next to a full-attention one (Qwen3-Next,
+# Qwen3.5), a mixture of two experts that every token uses (no routing choice for rounding to flip), and
+# Mamba-2 layers in the names the Granite/Bamba/Falcon-H1 configs give them.
+_LINEAR_ATTENTION = {
+    "layer_types": ["linear_attention", "full_attention"],
+    "linear_num_value_heads": 2,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "head_dim": 8,
+}
+_TWO_EXPERTS = {"num_experts": 2, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+_MAMBA = {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 8, "mamba_expand": 2}
+
 # `tiny_auto_model` overrides for the recurrent (hybrid) models the ensemble decodes: linear attention,
 # convolutions, Mamba-2 layers, next to full attention.
 RECURRENT_OVERRIDES: dict[str, dict[str, Any]] = {
-    "qwen3_next": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_num_value_heads": 2,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "num_experts": 2,
-        "num_experts_per_tok": 1,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "head_dim": 8,
-    },
-    "qwen3_5_text": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_num_value_heads": 2,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "head_dim": 8,
-    },
-    "qwen3_5_moe_text": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_num_value_heads": 2,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "num_experts": 2,
-        "num_experts_per_tok": 2,  # both experts: no routing choice for rounding to flip
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "head_dim": 8,
-    },
+    "qwen3_next": {**_LINEAR_ATTENTION, **_TWO_EXPERTS, "shared_expert_intermediate_size": 16},
+    "qwen3_5_text": _LINEAR_ATTENTION,
+    "qwen3_5_moe_text": {**_LINEAR_ATTENTION, **_TWO_EXPERTS, "shared_expert_intermediate_size": 16},
     "lfm2": {"layer_types": ["conv", "full_attention"]},
-    "lfm2_moe": {
-        "layer_types": ["conv", "full_attention"],
-        "num_experts": 2,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "num_dense_layers": 1,
-    },
-    "granitemoehybrid": {
-        "layer_types": ["mamba", "attention"],
-        "mamba_n_heads": 4,
-        "mamba_d_head": 16,
-        "mamba_n_groups": 1,
-        "mamba_d_state": 8,
-        "mamba_expand": 2,
-    },
-    "falcon_h1": {
-        "mamba_n_heads": 4,
-        "mamba_d_head": 16,
-        "mamba_n_groups": 1,
-        "mamba_d_ssm": 64,
-        "mamba_d_state": 8,
-        "mamba_expand": 2,
-        "head_dim": 8,
-    },
-    "bamba": {
-        "attn_layer_indices": [1],
-        "mamba_n_heads": 4,
-        "mamba_d_head": 16,
-        "mamba_n_groups": 1,
-        "mamba_d_state": 8,
-        "mamba_expand": 2,
-    },
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], **_TWO_EXPERTS, "num_dense_layers": 1},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"], **_MAMBA},
+    "falcon_h1": {**_MAMBA, "mamba_d_ssm": 64, "head_dim": 8},
+    "bamba": {"attn_layer_indices": [1], **_MAMBA},
     "nemotron_h": {
         "hybrid_override_pattern": "M*",
         "mamba_num_heads": 4,
