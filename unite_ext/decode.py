@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import copy
 import functools
 import inspect
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,13 +117,16 @@ class _Member:
                 f"the recurrent models the ensemble decodes ({', '.join(_RECURRENT_MODELS)}): their state "
                 "carries every token read so far, and each is checked to reread its tokens after a rollback"
             )
-        if recurrent and int(transformers.__version__.split(".")[0]) < 5:  # 4.x: cached chunks of 1 token
+        floor = _RECURRENT_MODELS.get(config.model_type)
+        if recurrent and _release(transformers.__version__) < _release(floor):
             raise ValueError(
-                f"{self.name} has {recurrent} layers, which the ensemble decodes with transformers >= 5 "
-                f"(installed: {transformers.__version__})"
+                f"{self.name} has {recurrent} layers, which the ensemble decodes with transformers >= "
+                f"{floor} for model type {config.model_type!r} (installed: {transformers.__version__}; "
+                "earlier releases build no cache for it or decode its cached chunks wrongly)"
             )
-        # A recurrent state cannot take back a token: such a model reads its tokens again after a rollback
-        # (see _ModelBatch.forward), and cannot share a batch with other rows (their padding would enter it).
+        # A recurrent state cannot take back a token: after a rollback such a model goes back to a copy of
+        # its cache or reads its tokens again (see _ModelBatch.forward), and cannot share a batch with other
+        # rows (their padding would enter its state).
         self.recurrent = bool(recurrent)
         self.local_attention = _local_attention(self.name, config, model.get_input_embeddings().weight.dtype)
         # Why this model decodes one row at a time, if it must.
@@ -145,20 +150,28 @@ _SLOT_DISTANCE_MODELS = ("mpt",)
 # convolution layers) instead of keeping one KV-cache slot per token.
 _RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding")
 # Models with recurrent layers whose decoding, in the cache the model builds itself and in chunks of any
-# number of tokens, matches a fresh pass (tests/test_decode.py checks each). Others may not: Mamba's
-# does not, nor Jamba's on chunks of several tokens after the first.
-_RECURRENT_MODELS = (
-    "qwen3_next",
-    "qwen3_5_text",
-    "qwen3_5_moe_text",
-    "lfm2",
-    "lfm2_moe",
-    "granitemoehybrid",
-    "falcon_h1",
-    "bamba",
-    "nemotron_h",
-    "mamba2",
-)
+# number of tokens, matches a fresh pass (tests/test_decode.py checks each), and the oldest transformers
+# release from which it does: with earlier 5.x releases their logits after cached steps are off by up to
+# 4.5, or Mamba-2 builds no cache (scripts/recurrent_floors.sh checks every release). Other models may not
+# match: Mamba's does not, nor Jamba's on chunks of several tokens after the first.
+_RECURRENT_MODELS = {
+    "qwen3_next": "5.7.0",
+    "qwen3_5_text": "5.7.0",
+    "qwen3_5_moe_text": "5.7.0",
+    "lfm2": "5.15.0",
+    "lfm2_moe": "5.15.0",
+    "granitemoehybrid": "5.13.0",
+    "falcon_h1": "5.13.0",
+    "bamba": "5.13.0",
+    "nemotron_h": "5.15.0",
+    "mamba2": "5.24.0",
+}
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version such as "5.17.0" or "5.25.0.dev0", for comparisons."""
+    numbers = [int(part) for part in re.findall(r"\d+", version)[:3]]
+    return (*numbers, 0, 0)[:3]
 
 
 def _recurrent_layers(model: PreTrainedModel, config: Any) -> str:
@@ -313,12 +326,24 @@ class _ModelBatch:
     describe the cache.
     """
 
-    def __init__(self, member: _Member, prompts: list[list[int]], stream: torch.cuda.Stream | None):
+    def __init__(
+        self,
+        member: _Member,
+        prompts: list[list[int]],
+        stream: torch.cuda.Stream | None,
+        rolls_back: bool,
+    ):
         self.member = member
         self.stream = stream
         # A recurrent model builds its own cache (its recurrent layers need their own kind of layer cache).
         self.cache: Any = None if member.recurrent else DynamicCache()
-        self.restart = False  # a recurrent model must read its rows' kept tokens again (after a rollback)
+        # A recurrent state cannot drop tokens. Such a model (one row) that may roll back keeps a copy of
+        # its cache as it was before its last forward pass, with that pass's start: after a rollback to no
+        # earlier than that start it reads only the tokens since; after a deeper one (rare: a rollback
+        # takes back one or two tokens), it reads every kept token again into an empty cache.
+        self.keeps_snapshot = member.recurrent and rolls_back
+        self.snapshot: tuple[int, Any] = (0, None)
+        self.rolled_back = False  # a recurrent model's cache holds tokens its row no longer keeps
         self.key_positions = torch.full((len(prompts), max(len(p) for p in prompts)), -1, dtype=torch.long)
         self.length = 0
         self.prompts = prompts
@@ -330,11 +355,11 @@ class _ModelBatch:
 
         Returns the logits [B, V] after each row's last token.
         """
-        if self.restart:  # a recurrent state cannot drop tokens: read every kept token again
-            feeds = [prompt + c.tokens for prompt, c in zip(self.prompts, self.continuations, strict=True)]
-            self.cache, self.length, self.restart = None, 0, False
-            self.slots = [[] for _ in feeds]
-            self.key_positions.fill_(-1)
+        if self.rolled_back:
+            feeds = self._restore()
+        if self.keeps_snapshot:
+            self.snapshot = (0, None)  # the old copy goes before the new one is made
+            self.snapshot = (self.length, copy.deepcopy(self.cache))
         batch, length = len(feeds), self.length
         chunk = max(len(f) for f in feeds)
         if length + chunk > self.key_positions.shape[1]:
@@ -392,11 +417,20 @@ class _ModelBatch:
         dropped = self.slots[row][-count:]
         del self.slots[row][-count:]
         self.key_positions[row, dropped] = -1
-        self.restart = self.restart or self.member.recurrent
+        self.rolled_back = self.rolled_back or self.member.recurrent
+
+    def _restore(self) -> list[list[int]]:
+        """Put a recurrent model's cache (one row) back before its rolled-back tokens; returns the feed."""
+        (kept,) = [len(slots) for slots in self.slots]
+        start, cache = self.snapshot if self.snapshot[0] <= kept else (0, None)
+        self.cache, self.length, self.rolled_back = cache, start, False
+        self.slots = [list(range(start))]
+        self.key_positions[:, start:] = -1
+        return [(self.prompts[0] + self.continuations[0].tokens)[start:]]  # the feed is the tokens' tail
 
     def crop(self) -> None:
         """Remove the trailing cache slots that no row keeps."""
-        if self.member.recurrent:  # its cache cannot be cut: it restarts instead (see forward)
+        if self.member.recurrent:  # its cache cannot be cut: it is restored instead (see forward)
             return
         used = max(slots[-1] + 1 for slots in self.slots)
         if used < self.length:
@@ -776,7 +810,7 @@ class Ensemble:
             for m in self.members
         ]
         runs = [
-            _ModelBatch(m, [row.prompt_ids[m.index] for row in rows], stream)
+            _ModelBatch(m, [row.prompt_ids[m.index] for row in rows], stream, self.sync == "exact")
             for m, stream in zip(self.members, streams, strict=True)
         ]
         feeds = [run.prompts for run in runs]
