@@ -141,8 +141,24 @@ class _Member:
         # Learned position embeddings end at the context length (positions past it index out of range);
         # RoPE without scaling has not been trained past it. Scaled RoPE is meant to reach beyond it.
         self.context_limit = None if _scales_rope(config) else context_length(config)
+        # Steps this model followed and rollbacks among them, over every row and call.
+        self.steps_followed = 0
+        self.rollbacks = 0
+
+    def copies_pay(self) -> bool:
+        """Whether a recurrent model's rollbacks are frequent enough to copy its cache at every step.
+
+        On a CPU a copy costs 6-11% of a one-token step and a reread of a 400-token row 4-11 steps, so
+        copies pay above 0.7-2.2% of steps rolled back (bench/bench_cache_copy.py); on a GPU, where such a
+        pass costs fewer steps, above more. COPY_ROLLBACK_RATE (5%) sits between most tokenizer pairs
+        (0-4% of steps roll back), which do without copies, and the others (17-18% for a Qwen2 or Llama-3
+        model following Llama-2's or Mistral's tokens: bench/bench_rollbacks.py), which need them.
+        """
+        return self.rollbacks >= 2 and self.rollbacks > COPY_ROLLBACK_RATE * self.steps_followed
 
 
+# Share of rollbacks among a recurrent model's steps above which it copies its cache (_Member.copies_pay).
+COPY_ROLLBACK_RATE = 0.05
 # Models whose attention bias grows with the distance in cache slots (MPT's ALiBi takes no position
 # ids), which masked slots between a batch row's tokens would stretch.
 _SLOT_DISTANCE_MODELS = ("mpt",)
@@ -326,22 +342,15 @@ class _ModelBatch:
     describe the cache.
     """
 
-    def __init__(
-        self,
-        member: _Member,
-        prompts: list[list[int]],
-        stream: torch.cuda.Stream | None,
-        rolls_back: bool,
-    ):
+    def __init__(self, member: _Member, prompts: list[list[int]], stream: torch.cuda.Stream | None):
         self.member = member
         self.stream = stream
         # A recurrent model builds its own cache (its recurrent layers need their own kind of layer cache).
         self.cache: Any = None if member.recurrent else DynamicCache()
-        # A recurrent state cannot drop tokens. Such a model (one row) that may roll back keeps a copy of
-        # its cache as it was before its last forward pass, with that pass's start: after a rollback to no
-        # earlier than that start it reads only the tokens since; after a deeper one (rare: a rollback
-        # takes back one or two tokens), it reads every kept token again into an empty cache.
-        self.keeps_snapshot = member.recurrent and rolls_back
+        # A recurrent state cannot drop tokens. Such a model (one row) whose rollbacks are frequent keeps a
+        # copy of its cache as it was before its last forward pass, with that pass's start: after a
+        # rollback to no earlier than that start it reads only the tokens since; otherwise (no copy, or a
+        # deeper rollback: rare, a rollback takes back one or two tokens) it reads every kept token again.
         self.snapshot: tuple[int, Any] = (0, None)
         self.rolled_back = False  # a recurrent model's cache holds tokens its row no longer keeps
         self.key_positions = torch.full((len(prompts), max(len(p) for p in prompts)), -1, dtype=torch.long)
@@ -357,9 +366,10 @@ class _ModelBatch:
         """
         if self.rolled_back:
             feeds = self._restore()
-        if self.keeps_snapshot:
-            self.snapshot = (0, None)  # the old copy goes before the new one is made
-            self.snapshot = (self.length, copy.deepcopy(self.cache))
+        if self.member.recurrent:
+            self.snapshot = (0, None)  # the old copy goes before a new one is made
+            if self.member.copies_pay():
+                self.snapshot = (self.length, copy.deepcopy(self.cache))
         batch, length = len(feeds), self.length
         chunk = max(len(f) for f in feeds)
         if length + chunk > self.key_positions.shape[1]:
@@ -810,7 +820,7 @@ class Ensemble:
             for m in self.members
         ]
         runs = [
-            _ModelBatch(m, [row.prompt_ids[m.index] for row in rows], stream, self.sync == "exact")
+            _ModelBatch(m, [row.prompt_ids[m.index] for row in rows], stream)
             for m, stream in zip(self.members, streams, strict=True)
         ]
         feeds = [run.prompts for run in runs]
@@ -849,7 +859,9 @@ class Ensemble:
         feeds = []
         for b, (row, canonical) in enumerate(zip(rows, next_canon, strict=True)):
             rollback, feed = synchronizer.extend(run.continuations[b], row.generated, canonical)
+            run.member.steps_followed += 1
             if rollback:
+                run.member.rollbacks += 1
                 run.roll_back(b, rollback)
             feeds.append(feed)
         with _on_stream(run.stream):
