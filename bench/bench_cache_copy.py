@@ -22,15 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny models' configs
 
-from tiny_models import RECURRENT_OVERRIDES  # noqa: E402
+from tiny_models import RECURRENT_OVERRIDES, tiny_auto_model  # noqa: E402
 
-# Model types at depths of the order of released hybrids.
+from unite_ext.toy_tokenizers import SAMPLE_TEXTS, train_byte_level_bpe  # noqa: E402
+
+# Model types (those whose tiny configs list layer types) at depths of the order of released hybrids.
 DEPTHS = {"qwen3_5_text": 48, "lfm2": 32, "granitemoehybrid": 40}
-VOCAB = 300
+TOKENIZER = train_byte_level_bpe(SAMPLE_TEXTS, vocab_size=300)
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -45,21 +46,10 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 def time_model(model_type: str, layers: int, prompt_tokens: int, repeats: int) -> tuple[float, float, float]:
     """(copy, one-token step, reread of the prompt) in ms for a tiny model of `model_type`."""
     overrides = dict(RECURRENT_OVERRIDES[model_type])
-    if "layer_types" in overrides:  # the tiny pattern, repeated to the depth
-        overrides["layer_types"] = (overrides["layer_types"] * layers)[:layers]
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **overrides,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
-    prompt = torch.randint(0, VOCAB, (1, prompt_tokens))
-    token = torch.randint(0, VOCAB, (1, 1))
+    overrides["layer_types"] = (overrides["layer_types"] * layers)[:layers]  # the tiny pattern, repeated
+    model = tiny_auto_model(model_type, TOKENIZER, num_hidden_layers=layers, **overrides).eval()
+    prompt = torch.randint(0, len(TOKENIZER), (1, prompt_tokens))
+    token = torch.randint(0, len(TOKENIZER), (1, 1))
     with torch.no_grad():
         cache = model(prompt, use_cache=True).past_key_values
         copy_ms = median_ms(lambda: copy.deepcopy(cache), repeats)

@@ -19,7 +19,6 @@ import transformers
 from decode_checks import CORPUS, PROMPTS, Recorder, common_prefix, steps_with_slots_between_tokens
 from tiny_models import (
     RECURRENT_OVERRIDES,
-    decodes_recurrent,
     tiny_auto_model,
     tiny_causal_lm,
     tiny_model_for_tokenizer,
@@ -29,7 +28,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokeniz
 import unite_ext.decode
 import unite_ext.step
 import unite_ext.sync
-from unite_ext.decode import Ensemble, Generation
+from unite_ext.decode import Ensemble, Generation, _decodes_recurrent
 from unite_ext.toy_tokenizers import train_byte_level_bpe
 
 CUDA = pytest.param(
@@ -318,7 +317,7 @@ def test_unchecked_recurrent_models_are_refused(toy_tokenizers, model_type: str,
         Ensemble([model], [tokenizer])
 
 
-@pytest.mark.skipif(not decodes_recurrent("lfm2"), reason="LFM2 needs a later transformers")
+@pytest.mark.skipif(not _decodes_recurrent("lfm2"), reason="LFM2 needs a later transformers")
 def test_a_recurrent_model_that_builds_no_cache_is_an_error(toy_tokenizers, monkeypatch) -> None:
     tokenizer = toy_tokenizers["toy_byte"]
     model = tiny_auto_model("lfm2", tokenizer, **RECURRENT_OVERRIDES["lfm2"])
@@ -384,7 +383,7 @@ def test_recurrent_models_decode_one_row_at_a_time(
     models = [recurrent, tiny_model_for_tokenizer("llama", toks[1], seed=61)]
     if os.environ.get(LIFT_FLOORS_VARIABLE):  # scripts/recurrent_floors.sh: is this release exact?
         monkeypatch.setitem(unite_ext.decode._RECURRENT_MODELS, model_type, "0")
-    if not decodes_recurrent(model_type):
+    if not _decodes_recurrent(model_type):
         floor = re.escape(unite_ext.decode._RECURRENT_MODELS[model_type])
         with pytest.raises(
             ValueError, match=rf"models\[0\].*layers, which the ensemble decodes with transformers >= {floor}"

@@ -17,13 +17,12 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from tiny_models import (  # noqa: E402
     RECURRENT_OVERRIDES,
-    decodes_recurrent,
     save_tiny_checkpoint,
     tiny_auto_model,
     tiny_model_for_tokenizer,
 )
 
-from unite_ext.decode import Ensemble  # noqa: E402
+from unite_ext.decode import Ensemble, _decodes_recurrent  # noqa: E402
 from unite_ext.lm_eval import UniteLM, combine_loglikelihoods  # noqa: E402
 from unite_ext.toy_tokenizers import SAMPLE_TEXTS, train_byte_level_bpe, train_sentencepiece_bpe  # noqa: E402
 
@@ -110,7 +109,7 @@ def test_loglikelihood_is_the_weighted_mixture_of_each_models_score(members):
 def test_a_recurrent_model_in_the_harness(members, model_type):
     """Batched, left-padded scoring is exact for a recurrent model too (padding enters its state as zeros,
     which leave it empty); generation falls back to one row at a time."""
-    if not decodes_recurrent(model_type):
+    if not _decodes_recurrent(model_type):
         pytest.skip(f"transformers {transformers.__version__} is too old for {model_type} (refused)")
     _, tokenizer = members[0]
     model = tiny_auto_model(model_type, tokenizer, seed=8, **RECURRENT_OVERRIDES[model_type])

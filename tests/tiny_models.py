@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -33,7 +32,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from unite_ext.decode import _RECURRENT_MODELS, _release
 from unite_ext.toy_tokenizers import (
     SAMPLE_TEXTS,
     SIMPLE_CHAT_TEMPLATE,
@@ -183,11 +181,6 @@ RECURRENT_OVERRIDES: dict[str, dict[str, Any]] = {
     },
     "mamba2": {"num_heads": 4, "head_dim": 16, "n_groups": 1, "state_size": 8, "expand": 2},
 }
-
-
-def decodes_recurrent(model_type: str) -> bool:
-    """Whether the installed transformers is one the ensemble decodes this recurrent model type with."""
-    return _release(transformers.__version__) >= _release(_RECURRENT_MODELS[model_type])
 
 
 def tiny_auto_model(model_type: str, tokenizer, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:

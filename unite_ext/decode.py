@@ -115,14 +115,14 @@ class _Member:
             raise ValueError(
                 f"{self.name} has {recurrent} layers, and model type {config.model_type!r} is not among "
                 f"the recurrent models the ensemble decodes ({', '.join(_RECURRENT_MODELS)}): their state "
-                "carries every token read so far, and each is checked to reread its tokens after a rollback"
+                "carries every token read so far, and each is checked against fresh passes after rollbacks"
             )
-        floor = _RECURRENT_MODELS.get(config.model_type)
-        if recurrent and _release(transformers.__version__) < _release(floor):
+        if recurrent and not _decodes_recurrent(config.model_type):
             raise ValueError(
                 f"{self.name} has {recurrent} layers, which the ensemble decodes with transformers >= "
-                f"{floor} for model type {config.model_type!r} (installed: {transformers.__version__}; "
-                "earlier releases build no cache for it or decode its cached chunks wrongly)"
+                f"{_RECURRENT_MODELS[config.model_type]} for model type {config.model_type!r} (installed: "
+                f"{transformers.__version__}; earlier releases build no cache for it or decode its cached "
+                "chunks wrongly)"
             )
         # A recurrent state cannot take back a token: after a rollback such a model goes back to a copy of
         # its cache or reads its tokens again (see _ModelBatch.forward), and cannot share a batch with other
@@ -148,8 +148,8 @@ class _Member:
     def copies_pay(self) -> bool:
         """Whether a recurrent model's rollbacks are frequent enough to copy its cache at every step.
 
-        On a CPU a copy costs 6-11% of a one-token step and a reread of a 400-token row 4-11 steps, so
-        copies pay above 0.7-2.2% of steps rolled back (bench/bench_cache_copy.py); on a GPU, where such a
+        On a CPU a copy costs 7-11% of a one-token step and a reread of a 400-token row 3.5-13 steps, so
+        copies pay above 0.6-3.1% of steps rolled back (bench/bench_cache_copy.py); on a GPU, where such a
         pass costs fewer steps, above more. COPY_ROLLBACK_RATE (5%) sits between most tokenizer pairs
         (0-4% of steps roll back), which do without copies, and the others (17-18% for a Qwen2 or Llama-3
         model following Llama-2's or Mistral's tokens: bench/bench_rollbacks.py), which need them.
@@ -188,6 +188,11 @@ def _release(version: str) -> tuple[int, int, int]:
     """(major, minor, patch) of a version such as "5.17.0" or "5.25.0.dev0", for comparisons."""
     numbers = [int(part) for part in re.findall(r"\d+", version)[:3]]
     return (*numbers, 0, 0)[:3]
+
+
+def _decodes_recurrent(model_type: str) -> bool:
+    """Whether the installed transformers reaches the floor of this recurrent model type."""
+    return _release(transformers.__version__) >= _release(_RECURRENT_MODELS[model_type])
 
 
 def _recurrent_layers(model: PreTrainedModel, config: Any) -> str:
