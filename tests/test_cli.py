@@ -18,7 +18,7 @@ from tiny_models import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unite_ext.cli import main, model_specs
-from unite_ext.model_spec import ModelSpec, load_spec, uses_chat
+from unite_ext.model_spec import ModelSpec, load_spec, uses_chat, write_spec
 from unite_ext.tasks import get_task
 
 
@@ -210,8 +210,31 @@ def test_chat_template_kwargs_reach_the_generation_calls(
     assert main(["eval", "--task", "piqa", "--data", str(piqa_file), "--model", model, "--chat",
                  "--chat-template-kwargs", variables, "--limit", "2", "--max-new-tokens", "2",
                  "--out", str(out), "--no-progress"]) == 0  # fmt: skip
-    assert seen == [{"enable_thinking": False}] * 2
-    assert read_lines(out)[0]["run"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert seen == [[{"enable_thinking": False}]] * 2
+    assert read_lines(out)[0]["run"]["chat_template_kwargs"] == [{"enable_thinking": False}]
+
+    # A spec file's variables update the shared ones for its model only, in every command.
+    spec = tmp_path / "spec.json"
+    own = {"enable_thinking": True, "style": "short"}
+    spec.write_text(json.dumps({"models": [
+        {"path": model, "chat_template": True},
+        {"path": str(checkpoints["sp"]), "chat_template": True, "chat_template_kwargs": own},
+    ]}))  # fmt: skip
+    seen.clear()
+    assert main(["generate", "--model", str(spec), "--chat-template-kwargs", variables,
+                 "--prompt", "Hi", "--max-new-tokens", "2"]) == 0  # fmt: skip
+    assert main(["generate", "--model", str(spec), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    chosen = tmp_path / "chosen.json"
+    assert main(["select", "--task", "piqa", "--data", str(piqa_file), "--candidates", str(spec),
+                 "--chat-template-kwargs", variables, "--limit", "2", "--max-new-tokens", "2",
+                 "--out", str(chosen), "--no-progress"]) == 0  # fmt: skip
+    assert seen == [
+        [{"enable_thinking": False}, {"enable_thinking": True, "style": "short"}],
+        [{}, own],
+        [{"enable_thinking": False}],
+        [{"enable_thinking": True, "style": "short"}],
+    ]
+
     capsys.readouterr()
     assert main(["generate", "--model", model, "--chat-template-kwargs", variables, "--prompt", "Hi"]) == 2
     assert "--chat-template-kwargs applies to chat templates" in capsys.readouterr().err
@@ -273,15 +296,23 @@ def test_yaml_spec_with_per_model_options(tmp_path):
                         "device_map": "cuda:0",
                         "chat_template": True,
                     },
-                    {"path": "/m/b", "weight": 1, "chat_template": "template.jinja"},
+                    {
+                        "path": "/m/b",
+                        "weight": 1,
+                        "chat_template": "template.jinja",
+                        "chat_template_kwargs": {"enable_thinking": False},
+                    },
                 ]
             }
         )
     )
     a, b = load_spec(path)
     assert a == ModelSpec("/m/a", 2, "bfloat16", "cuda:0", True)
-    assert b == ModelSpec("/m/b", 1, "auto", None, "template.jinja")
+    assert b == ModelSpec("/m/b", 1, "auto", None, "template.jinja", {"enable_thinking": False})
     assert uses_chat([a, b])
+    # What `unite select` writes reads back the same.
+    write_spec(tmp_path / "again.json", [a, b])
+    assert load_spec(tmp_path / "again.json") == [a, b]
 
 
 def test_spec_files_and_paths_mix_on_the_command_line(tmp_path):
@@ -309,6 +340,8 @@ def test_spec_files_and_paths_mix_on_the_command_line(tmp_path):
         ({"models": [{"path": "/m/a", "weight": "0.5"}]}, "weight"),
         ({"models": [{"path": "/m/a", "weight": 1}, "/m/b"]}, "every model has a weight or none"),
         ({"models": [{"path": "/m/a", "weight": 0}, {"path": "/m/b", "weight": 0}]}, "all zero"),
+        ({"models": [{"path": "/m/a", "chat_template_kwargs": {"x": 1}}]}, "chat_template is false"),
+        ({"models": [{"path": "/m/a", "chat_template": True, "chat_template_kwargs": [1]}]}, "mapping"),
     ],
 )
 def test_bad_spec_files(tmp_path, content, match):

@@ -69,7 +69,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         type=json_object,
         default=None,
         metavar="JSON",
-        help="variables of every chat template, e.g. '{\"enable_thinking\": false}' (chat templates only)",
+        help="variables of every chat template, e.g. '{\"enable_thinking\": false}' (chat templates only; "
+        "a spec file's chat_template_kwargs override them for its model)",
     )
 
 
@@ -84,13 +85,15 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def chat_template_kwargs(args: argparse.Namespace, chat: bool) -> dict[str, Any]:
-    """``--chat-template-kwargs`` as keyword arguments of the generation calls (none when not given)."""
-    if args.chat_template_kwargs is None:
+def chat_template_kwargs(args: argparse.Namespace, specs: Sequence[ModelSpec], chat: bool) -> dict[str, Any]:
+    """The chat templates' variables as keyword arguments of the generation calls: one dict per model,
+    ``--chat-template-kwargs`` updated by the model's own (spec files); none when neither is given."""
+    shared = args.chat_template_kwargs
+    if shared is None and all(s.chat_template_kwargs is None for s in specs):
         return {}
     if not chat:
         raise ValueError("--chat-template-kwargs applies to chat templates: add --chat (or use chat specs)")
-    return {"chat_template_kwargs": args.chat_template_kwargs}
+    return {"chat_template_kwargs": [{**(shared or {}), **(s.chat_template_kwargs or {})} for s in specs]}
 
 
 def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
@@ -155,7 +158,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens or task.max_new_tokens,
     }
     chat = uses_chat(specs)
-    template = chat_template_kwargs(args, chat)
+    template = chat_template_kwargs(args, specs, chat)
     run.update(template)
     result = evaluate(
         task,
@@ -182,12 +185,11 @@ def run_select(args: argparse.Namespace) -> int:
         raise ValueError("--candidates lists a model twice")
     task, examples = load_examples(args)
 
-    template = chat_template_kwargs(args, uses_chat(candidates))
+    chat = uses_chat(candidates)
 
     def generator_for(spec: ModelSpec) -> GenerateFn:
-        return lazy_generator(
-            lambda: ensemble_generator(build_ensemble([spec]), chat=uses_chat([spec]), **template)
-        )
+        template = chat_template_kwargs(args, [spec], chat)
+        return lazy_generator(lambda: ensemble_generator(build_ensemble([spec]), chat=chat, **template))
 
     stats = evaluate_candidates(
         task,
@@ -244,7 +246,7 @@ def run_generate(args: argparse.Namespace) -> int:
         inputs = {"messages": [[{"role": "user", "content": args.prompt}]]}
     else:
         inputs = {"prompts": [args.prompt]}
-    inputs.update(chat_template_kwargs(args, "messages" in inputs))
+    inputs.update(chat_template_kwargs(args, specs, "messages" in inputs))
     ensemble = build_ensemble(specs, k=args.k, sync=args.sync)
 
     def stream(row: int, delta: str) -> None:

@@ -10,6 +10,8 @@ A spec file is JSON (``.json``) or YAML (``.yaml``/``.yml``)::
         chat_template: true                  # false (default): the prompt as it is;
                                              # true: the tokenizer's chat template;
                                              # a file name: that Jinja chat template
+        chat_template_kwargs:                # optional, with chat_template only: variables of
+          enable_thinking: false             # this model's template (over --chat-template-kwargs)
       - /models/Qwen2-7B-Instruct            # a bare path takes every default
     selection: ...                           # optional, ignored: written by `unite select`
 
@@ -31,7 +33,7 @@ import yaml
 from unite_ext.defaults import DEFAULT_K, DEFAULT_LOOKBEHIND, DEFAULT_SYNC
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-_MODEL_KEYS = ("path", "weight", "dtype", "device_map", "chat_template")
+_MODEL_KEYS = ("path", "weight", "dtype", "device_map", "chat_template", "chat_template_kwargs")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class ModelSpec:
         chat_template: ``False`` (default) sends prompts as they are; ``True`` wraps each prompt as one
             user message in the tokenizer's chat template; a string names a Jinja template file used
             instead of the tokenizer's.
+        chat_template_kwargs: variables of this model's chat template (e.g. ``{"enable_thinking": False}``
+            for Qwen3's), which override those given to every model (``--chat-template-kwargs``); only
+            with ``chat_template`` set (default ``None``: none of its own).
     """
 
     path: str
@@ -53,6 +58,7 @@ class ModelSpec:
     dtype: str = "auto"
     device_map: str | None = None
     chat_template: bool | str = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -70,6 +76,18 @@ class ModelSpec:
             raise ValueError(f"model {self.path}: weight must be a finite number >= 0, got {self.weight!r}")
         if not isinstance(self.chat_template, (bool, str)):
             raise ValueError(f"model {self.path}: chat_template must be true, false or a file name")
+        if self.chat_template_kwargs is not None:
+            if not isinstance(self.chat_template_kwargs, dict) or not all(
+                isinstance(name, str) for name in self.chat_template_kwargs
+            ):
+                raise ValueError(
+                    f"model {self.path}: chat_template_kwargs must be a mapping of variable names to values"
+                )
+            if self.chat_template is False:
+                raise ValueError(
+                    f"model {self.path}: chat_template_kwargs are variables of a chat template, "
+                    "but chat_template is false"
+                )
 
     def as_dict(self) -> dict[str, Any]:
         """The spec-file entry of this model (defaults left out)."""
