@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -372,3 +373,13 @@ def test_bench_times_each_cuda_warp_list_with_its_variable_set(monkeypatch):
         pass
     with pytest.raises(SystemExit):
         benchmark.main(["--cuda-topk", "insertion,heap"])
+
+
+def test_the_step_and_the_cli_start_without_transformers():
+    # Importing transformers takes seconds: only the decoding loop needs it, on first use.
+    code = (
+        "import sys, unite_ext, unite_ext.cli\n"
+        "assert 'transformers' not in sys.modules, 'imported at start'\n"
+        "assert unite_ext.Ensemble.__module__ == 'unite_ext.decode' and 'transformers' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
