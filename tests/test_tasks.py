@@ -405,6 +405,67 @@ def test_cmmlu_prompt_with_header_row(tmp_path):
     assert get_task("cmmlu").score("A", example).correct
 
 
+CMMLU_HEADER = ["", "Question", "A", "B", "C", "D", "Answer"]
+CMMLU_DEV = [[f"问题{i}", "甲", "乙", "丙", "丁", "ABCD"[i % 4]] for i in range(6)]
+CMMLU_TEST = {
+    "agronomy": [
+        ["水稻属于哪一科？", "禾本科", "豆科", "菊科", "十字花科", "A"],
+        ["第二题", "1", "2", "3", "4", "D"],
+    ],
+    "arts": [["《红楼梦》的作者是谁？", "曹雪芹", "罗贯中", "吴承恩", "施耐庵", "A"]],
+}
+
+
+@pytest.mark.parametrize("layout", ["shards", "converted"])
+def test_cmmlu_hub_folders_match_the_csv_release(tmp_path, layout):
+    # The CSV path's prompt is checked by hand above; the hub's per-subject folders (one configuration
+    # per subject, no subject column) of the same rows must give the same examples.
+    parquet = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    def numbered(rows: list[list[str]]) -> list[list[str]]:  # the release's CSV: header, row numbers
+        return [CMMLU_HEADER] + [[str(i), *row] for i, row in enumerate(rows)]
+
+    columns = CMMLU_HEADER[1:]
+    for subject, rows in CMMLU_TEST.items():
+        write_csv(tmp_path / "release" / "dev" / f"{subject}.csv", numbered(CMMLU_DEV))
+        write_csv(tmp_path / "release" / "test" / f"{subject}.csv", numbered(rows))
+        for split, split_rows in (("test", rows), ("dev", CMMLU_DEV)):
+            records = [dict(zip(columns, row, strict=True)) for row in split_rows]
+            if layout == "shards":  # <subject>/<split>-0000k-of-00002.parquet, the first shard one row
+                folder = tmp_path / "hub" / subject
+                folder.mkdir(parents=True, exist_ok=True)
+                for shard, part in enumerate((records[:1], records[1:])):
+                    name = f"{split}-{shard:05d}-of-00002.parquet"
+                    parquet.write_table(pyarrow.Table.from_pylist(part or records[:0]), folder / name)
+            else:  # <subject>/<split>/0000.parquet, as the hub converts a dataset
+                folder = tmp_path / "hub" / subject / split
+                folder.mkdir(parents=True, exist_ok=True)
+                parquet.write_table(pyarrow.Table.from_pylist(records), folder / "0000.parquet")
+    task = get_task("cmmlu")
+    from_csv = task.load(tmp_path / "release" / "test")
+    assert [e.id for e in from_csv] == ["agronomy/0", "agronomy/1", "arts/0"]
+    assert task.load(tmp_path / "hub") == from_csv
+    with pytest.raises(ValueError, match="leave out --fewshot"):
+        task.load(tmp_path / "hub", tmp_path / "release" / "dev")
+
+
+def test_cmmlu_hub_folders_bad_records_are_named(tmp_path):
+    record = {"Question": "q", "A": "1", "B": "2", "C": "3", "D": "4", "Answer": "A"}
+    (tmp_path / "hub" / "arts").mkdir(parents=True)
+    write_jsonl(tmp_path / "hub" / "arts" / "dev.jsonl", [record] * 4)
+    write_jsonl(tmp_path / "hub" / "arts" / "test.jsonl", [record])
+    with pytest.raises(ValueError, match=r"hub: 4 solved examples of subject 'arts', need 5"):
+        get_task("cmmlu").load(tmp_path / "hub")
+    write_jsonl(tmp_path / "hub" / "arts" / "dev.jsonl", [record] * 5)
+    write_jsonl(tmp_path / "hub" / "arts" / "test.jsonl", [record, dict(record, Answer="E")])
+    with pytest.raises(ValueError, match=r"test.jsonl record 1: answer must be one of A-D"):
+        get_task("cmmlu").load(tmp_path / "hub")
+    write_jsonl(tmp_path / "hub" / "arts" / "test.jsonl", [{k: v for k, v in record.items() if k != "D"}])
+    with pytest.raises(ValueError, match=r"test.jsonl record 0: missing field 'D'"):
+        get_task("cmmlu").load(tmp_path / "hub")
+
+
 MMLU_DEV = [[f"Dev question {i} of {{}}?", "w", "x", "y", "z", "ABCD"[i % 4]] for i in range(6)]
 MMLU_TEST = {
     "knots": [["Q1?", "a", "b", "c", "d", "d"], ["Q2, with comma?", "a", "b", "c", "d", "A"]],

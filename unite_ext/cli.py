@@ -123,7 +123,8 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         type=Path,
-        help="questions: .jsonl, .json or .parquet file (MMLU/CMMLU: a split folder; MMLU: also a file)",
+        help="questions: .jsonl, .json or .parquet file (MMLU/CMMLU: a split folder; MMLU: also a file; "
+        "CMMLU: also a folder of subject folders)",
     )
     parser.add_argument("--fewshot", type=Path, default=None, help="solved examples (default: the task's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")

@@ -27,7 +27,9 @@ task                      ``--data`` (and ``--fewshot``)                        
                           hub's records ``{"question", "subject", "choices": [4], "answer":
                           0-3}`` with ``--fewshot`` the dev split's file (first 5 per subject)
 ``cmmlu``                 a split folder (``test/``) of ``<subject>.csv`` with the header         5 per
-                          ``,Question,A,B,C,D,Answer``; few-shot from ``../dev/``                 subject
+                          ``,Question,A,B,C,D,Answer``; few-shot from ``../dev/``. Or the hub's   subject
+                          folder of ``<subject>/`` folders, each with ``test-*`` and ``dev-*``
+                          files of those columns' records (few-shot from ``dev``)
 ========================  =====================================================================  ==========
 
 Scoring: GSM8K compares the predicted number (the first number after "The answer is", else the final

@@ -97,6 +97,9 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:end]
 
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Read a dataset file: JSON Lines (``.jsonl``), JSON (``.json``) or Parquet (``.parquet``).
 
@@ -133,7 +136,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         if not isinstance(content, list):
             raise ValueError(f"{path}: expected a JSON list of records")
         return content
-    raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .json or .parquet")
+    kinds = f"{', '.join(RECORD_SUFFIXES[:-1])} or {RECORD_SUFFIXES[-1]}"
+    raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use {kinds}")
 
 
 def require(record: dict[str, Any], key: str, where: str) -> Any:

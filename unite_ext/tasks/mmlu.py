@@ -1,5 +1,5 @@
 """MMLU and CMMLU: 5-shot multiple choice per subject, from the releases' per-subject CSV files (MMLU
-also from a file of the Hugging Face hub's records)."""
+also from a file of the Hugging Face hub's records, CMMLU from the hub's per-subject folders)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from unite_ext.tasks.base import (
+    RECORD_SUFFIXES,
     Example,
     Score,
     Task,
@@ -61,6 +62,7 @@ class SubjectChoiceTask(Task):
     stop = ("\n\n",)
     answer_separator = " "  # between the prompt's answer cue and the letter of a solved example
     reads_files = False  # whether parse_record reads a file of records as --data
+    reads_subject_folders = False  # whether parse_subject_record reads a folder of subject folders
 
     def subject_of(self, path: Path) -> str:
         """The subject a CSV file holds, from its name."""
@@ -86,6 +88,29 @@ class SubjectChoiceTask(Task):
         """(subject, row) of one record of a file of questions (only where ``reads_files``)."""
         raise NotImplementedError
 
+    def parse_subject_record(self, record: dict[str, Any], where: str) -> Row:
+        """The row of one record of a subject's file (only where ``reads_subject_folders``)."""
+        raise NotImplementedError
+
+    def subject_folder_rows(self, root: Path, split: str) -> dict[str, list[Row]]:
+        """Each subject's rows of one split in a folder of subject folders: ``<subject>/<split>-*`` or
+        ``<subject>/<split>/*`` files of records (in name order, so shards keep their order)."""
+        found = {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = sorted(
+                path
+                for pattern in (f"{split}-*", f"{split}.*", f"{split}/*")
+                for path in folder.glob(pattern)
+                if path.suffix in RECORD_SUFFIXES
+            )
+            if files:
+                found[folder.name] = [
+                    self.parse_subject_record(record, f"{path} record {index}")
+                    for path in files
+                    for index, record in enumerate(read_records(path))
+                ]
+        return found
+
     def subject_files(self, folder: Path) -> dict[str, Path]:
         """Each subject's CSV file in a split folder."""
         return {self.subject_of(path): path for path in sorted(folder.glob("*.csv"))}
@@ -100,7 +125,18 @@ class SubjectChoiceTask(Task):
 
     def subjects(self, data: Path, fewshot: Path | None) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
         """The evaluated rows of each subject, and the rows its solved examples come from."""
-        if data.is_dir():
+        by_folder = (
+            self.subject_folder_rows(data, "test") if self.reads_subject_folders and data.is_dir() else {}
+        )
+        if by_folder:
+            if fewshot is not None:
+                raise ValueError(
+                    f"--data {data} holds one folder per subject: the solved examples come from each "
+                    "subject's dev split there; leave out --fewshot"
+                )
+            questions, fewshot = by_folder, data
+            shots = self.subject_folder_rows(data, "dev")
+        elif data.is_dir():
             fewshot = Path(fewshot) if fewshot is not None else data.parent / "dev"
             if not fewshot.is_dir():
                 raise ValueError(f"few-shot folder not found: {fewshot} (pass --fewshot DIR)")
@@ -119,7 +155,11 @@ class SubjectChoiceTask(Task):
             questions = self.subject_records(data)
             shots = self.subject_records(Path(fewshot))
         else:
-            kinds = "a split folder (test/) or a file of records" if self.reads_files else "a split folder"
+            kinds = (
+                "a split folder (test/)"
+                + (" or a file of records" if self.reads_files else "")
+                + (" or a folder of subject folders" if self.reads_subject_folders else "")
+            )
             raise ValueError(f"--data for {self.name} must be {kinds}: {data}")
         for subject in questions:
             if len(shots.get(subject, ())) < self.num_fewshot:
@@ -203,11 +243,18 @@ class Mmlu(SubjectChoiceTask):
 
 class Cmmlu(SubjectChoiceTask):
     """CMMLU (Li et al., 2023). Files ``<subject>.csv`` with the header row ``,Question,A,B,C,D,Answer``
-    (the first column is a row number). Chinese prompt wording as in the CMMLU release."""
+    (the first column is a row number), or the Hugging Face hub's folders of the same columns, one per
+    subject (``<subject>/test-*.parquet`` and ``<subject>/dev-*.parquet``, or ``<subject>/test/*.parquet``
+    as the hub converts a dataset to Parquet). Chinese prompt wording as in the CMMLU release."""
 
     name = "cmmlu"
     answer_separator = ""
     columns = ("Question", "A", "B", "C", "D", "Answer")
+    reads_subject_folders = True
+
+    def parse_subject_record(self, record: dict[str, Any], where: str) -> Row:
+        question, *texts, answer = (require(record, column, where) for column in self.columns)
+        return question, texts, answer_letter(answer, where)
 
     def csv_rows(self, path: Path) -> list[list[str]]:
         rows = read_csv_rows(path)
