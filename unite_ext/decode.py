@@ -148,17 +148,18 @@ class _Member:
     def copies_pay(self) -> bool:
         """Whether a recurrent model's rollbacks are frequent enough to copy its cache at every step.
 
-        On a CPU a copy costs 7-11% of a one-token step and a reread of a 400-token row 3.5-13 steps, so
-        copies pay above 0.6-3.1% of steps rolled back (bench/bench_cache_copy.py); on a GPU, where such a
-        pass costs fewer steps, above more. COPY_ROLLBACK_RATE (5%) sits between most tokenizer pairs
-        (0-4% of steps roll back), which do without copies, and the others (17-18% for a Qwen2 or Llama-3
-        model following Llama-2's or Mistral's tokens: bench/bench_rollbacks.py), which need them.
+        On a CPU a copy (its recurrent states) costs about 1% of a one-token step and a reread of a
+        400-token row 3.5-13 steps, so copies pay above 0.1-0.4% of steps rolled back
+        (bench/bench_cache_copy.py); on a GPU, where such a pass costs fewer steps, above more.
+        COPY_ROLLBACK_RATE (0.5%) leaves out the pairs that seldom roll back (none between models of one
+        tokenizer family) and takes in the others: 1-4% of steps between most pairs, 17-18% for a Qwen2 or
+        Llama-3 model following Llama-2's or Mistral's tokens (bench/bench_rollbacks.py).
         """
         return self.rollbacks >= 2 and self.rollbacks > COPY_ROLLBACK_RATE * self.steps_followed
 
 
 # Share of rollbacks among a recurrent model's steps above which it copies its cache (_Member.copies_pay).
-COPY_ROLLBACK_RATE = 0.05
+COPY_ROLLBACK_RATE = 0.005
 # Models whose attention bias grows with the distance in cache slots (MPT's ALiBi takes no position
 # ids), which masked slots between a batch row's tokens would stretch.
 _SLOT_DISTANCE_MODELS = ("mpt",)
@@ -337,6 +338,66 @@ def _end_token_ids(name: str, model: PreTrainedModel, tokenizer: PreTrainedToken
     return ids
 
 
+# A model's cache as it was, to go back to: each object of the cache with its attributes.
+CacheCopy = list[tuple[Any, dict[str, Any]]]
+
+
+def _copy_of_cache(cache: Any) -> CacheCopy:
+    """What `cache` (a recurrent model's, in transformers >= 5.7) holds now, for `_put_back`.
+
+    Its recurrent states (convolution and SSM / linear-attention states), which each step writes in place,
+    are copied; its attention layers' keys and values, which each step replaces with longer tensors and
+    never writes (DynamicLayer, in every release since), are shared, so a copy costs the states' size (a
+    deep copy of the whole cache cost 6-15 times more time here, and a second set of keys and values).
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    held = [
+        (
+            cache,
+            {
+                name: _copied(value) if name != "layers" else list(value)
+                for name, value in vars(cache).items()
+            },
+        )
+    ]
+    for layer in cache.layers:
+        shared = ("keys", "values") if isinstance(layer, DynamicLayer) else ()
+        held.append(
+            (
+                layer,
+                {name: value if name in shared else _copied(value) for name, value in vars(layer).items()},
+            )
+        )
+    return held
+
+
+def _copied(value: Any) -> Any:
+    """A copy of an attribute of a cache object: tensors cloned, containers copied through."""
+    if value is None or isinstance(value, _UNCHANGING):
+        return value
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(item) for item in value)
+    return copy.deepcopy(value)
+
+
+# Attribute values of cache objects that cannot change in place (flags, sizes, dtypes, devices, classes).
+_UNCHANGING = (bool, int, float, str, torch.dtype, torch.device, type)
+
+
+def _put_back(held: CacheCopy) -> Any:
+    """The cache as `_copy_of_cache` found it (in the same objects, which then own the copies); returns it.
+    A copy is put back once: the steps after it write into its states."""
+    for obj, attributes in held:
+        vars(obj).clear()
+        vars(obj).update(attributes)
+    return held[0][0]
+
+
 class _ModelBatch:
     """One model's state over one batch: its KV cache, the keys' positions and, per row, tokens and slots.
 
@@ -353,10 +414,11 @@ class _ModelBatch:
         # A recurrent model builds its own cache (its recurrent layers need their own kind of layer cache).
         self.cache: Any = None if member.recurrent else DynamicCache()
         # A recurrent state cannot drop tokens. Such a model (one row) whose rollbacks are frequent keeps a
-        # copy of its cache as it was before its last forward pass, with that pass's start: after a
-        # rollback to no earlier than that start it reads only the tokens since; otherwise (no copy, or a
-        # deeper rollback: rare, a rollback takes back one or two tokens) it reads every kept token again.
-        self.snapshot: tuple[int, Any] = (0, None)
+        # copy of its cache as it was before its last forward pass (_copy_of_cache), with that pass's
+        # start: after a rollback to no earlier than that start it reads only the tokens since; otherwise
+        # (no copy, or a deeper rollback: rare, a rollback takes back one or two tokens) it reads every
+        # kept token again.
+        self.snapshot: tuple[int, CacheCopy | None] = (0, None)
         self.rolled_back = False  # a recurrent model's cache holds tokens its row no longer keeps
         self.key_positions = torch.full((len(prompts), max(len(p) for p in prompts)), -1, dtype=torch.long)
         self.length = 0
@@ -373,8 +435,8 @@ class _ModelBatch:
             feeds = self._restore()
         if self.member.recurrent:
             self.snapshot = (0, None)  # the old copy goes before a new one is made
-            if self.member.copies_pay():
-                self.snapshot = (self.length, copy.deepcopy(self.cache))
+            if self.cache is not None and self.member.copies_pay():
+                self.snapshot = (self.length, _copy_of_cache(self.cache))
         batch, length = len(feeds), self.length
         chunk = max(len(f) for f in feeds)
         if length + chunk > self.key_positions.shape[1]:
@@ -437,8 +499,9 @@ class _ModelBatch:
     def _restore(self) -> list[list[int]]:
         """Put a recurrent model's cache (one row) back before its rolled-back tokens; returns the feed."""
         (kept,) = [len(slots) for slots in self.slots]
-        start, cache = self.snapshot if self.snapshot[0] <= kept else (0, None)
-        self.cache, self.length, self.rolled_back = cache, start, False
+        start, held = self.snapshot if self.snapshot[0] <= kept else (0, None)
+        self.cache = _put_back(held) if held is not None else None
+        self.length, self.rolled_back = start, False
         self.slots = [list(range(start))]
         self.key_positions[:, start:] = -1
         return [(self.prompts[0] + self.continuations[0].tokens)[start:]]  # the feed is the tokens' tail
