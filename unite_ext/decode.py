@@ -348,7 +348,8 @@ def _copy_of_cache(cache: Any) -> CacheCopy:
     Its recurrent states (convolution and SSM / linear-attention states), which each step writes in place,
     are copied; its attention layers' keys and values, which each step replaces with longer tensors and
     never writes (DynamicLayer, in every release since), are shared, so a copy costs the states' size (a
-    deep copy of the whole cache cost 6-15 times more time here, and a second set of keys and values).
+    deep copy of the whole cache cost 10-13 times more time in bench/bench_cache_copy.py, and a second set of
+    keys and values).
     """
     from transformers.cache_utils import DynamicLayer
 
