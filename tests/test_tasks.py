@@ -395,14 +395,26 @@ def test_cmmlu_prompt_with_header_row(tmp_path):
         [header, ["0", "水稻属于哪一科？", "禾本科", "豆科", "菊科", "十字花科", "A"]],
     )
     (example,) = get_task("cmmlu").load(tmp_path / "test")
-    expected = (
-        "以下是关于agronomy的单项选择题，请直接给出正确答案的选项。\n\n"
+    expected = (  # the release's script names the subject in Chinese: agronomy is 农学
+        "以下是关于农学的单项选择题，请直接给出正确答案的选项。\n\n"
         + "".join(f"题目：问题{i}\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案是：C\n\n" for i in range(5))
         + "题目：水稻属于哪一科？\nA. 禾本科\nB. 豆科\nC. 菊科\nD. 十字花科\n答案是："
     )
     assert example.prompt == expected
     assert (example.id, example.gold, example.subject) == ("agronomy/0", "A", "agronomy")
     assert get_task("cmmlu").score("A", example).correct
+
+
+def test_cmmlu_subject_names():
+    from unite_ext.tasks.cmmlu_subjects import SUBJECT_NAMES
+
+    # The release has 67 subjects, each with its own Chinese name; a few checked by hand.
+    assert len(SUBJECT_NAMES) == 67 and len(set(SUBJECT_NAMES.values())) == 67
+    assert (SUBJECT_NAMES["high_school_physics"], SUBJECT_NAMES["logical"]) == ("高中物理学", "逻辑学")
+    task = get_task("cmmlu")
+    assert task.header("traditional_chinese_medicine").startswith("以下是关于中医中药的单项选择题")
+    # A subject outside the release is named by its folder, underscores as spaces.
+    assert task.header("my_subject").startswith("以下是关于my subject的单项选择题")
 
 
 CMMLU_HEADER = ["", "Question", "A", "B", "C", "D", "Answer"]

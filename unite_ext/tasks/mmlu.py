@@ -22,6 +22,7 @@ from unite_ext.tasks.base import (
     read_records,
     require,
 )
+from unite_ext.tasks.cmmlu_subjects import SUBJECT_NAMES
 
 OPTIONS = ("A", "B", "C", "D")
 
@@ -245,7 +246,8 @@ class Cmmlu(SubjectChoiceTask):
     """CMMLU (Li et al., 2023). Files ``<subject>.csv`` with the header row ``,Question,A,B,C,D,Answer``
     (the first column is a row number), or the Hugging Face hub's folders of the same columns, one per
     subject (``<subject>/test-*.parquet`` and ``<subject>/dev-*.parquet``, or ``<subject>/test/*.parquet``
-    as the hub converts a dataset to Parquet). Chinese prompt wording as in the CMMLU release."""
+    as the hub converts a dataset to Parquet). Chinese prompt wording and subject names as in the CMMLU
+    release."""
 
     name = "cmmlu"
     answer_separator = ""
@@ -267,7 +269,9 @@ class Cmmlu(SubjectChoiceTask):
         return [row[-6:] for row in rows[1:]]
 
     def header(self, subject: str) -> str:
-        return f"以下是关于{subject.replace('_', ' ')}的单项选择题，请直接给出正确答案的选项。\n\n"
+        # The release's Chinese subject name; a subject outside the release is named by its folder.
+        name = SUBJECT_NAMES.get(subject, subject.replace("_", " "))
+        return f"以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n"
 
     def block(self, question: str, texts: Sequence[str]) -> str:
         return f"题目：{question.strip()}\n{option_lines(OPTIONS, [t.strip() for t in texts])}\n答案是："
