@@ -55,7 +55,7 @@ def time_model(
     prompt = torch.randint(0, len(TOKENIZER), (1, prompt_tokens))
     token = torch.randint(0, len(TOKENIZER), (1, 1))
     with torch.no_grad():
-        cache = model(prompt, use_cache=True).past_key_values
+        cache = model(prompt, use_cache=True).cache
         copy_ms = median_ms(lambda: _copy_of_cache(cache), repeats)
         deep_ms = median_ms(lambda: copy.deepcopy(cache), repeats)
         # Each step on a fresh deep copy, so that the cache the copies come from stays as it was.

@@ -153,7 +153,7 @@ def members_decode(
     for step in range(steps):
         for i, (member, state) in enumerate(zip(ensemble.members, states, strict=True)):
             output = member.model(**state, use_cache=True, logits_to_keep=1)
-            state[member.cache_argument] = output.past_key_values
+            state[member.cache_argument] = getattr(output, member.cache_argument)
             logits = output.logits[:, -1]
             count = 1 if feeds is None or step == steps - 1 else feeds[step][i]
             state["input_ids"] = logits.argmax(-1, keepdim=True).expand(1, count)

@@ -7,6 +7,7 @@ full forward passes without a cache, and the same rows decoded one by one.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import warnings
@@ -331,6 +332,21 @@ def test_a_recurrent_model_that_builds_no_cache_is_an_error(toy_tokenizers, monk
     monkeypatch.setattr(model, "forward", forward_without_cache)
     with pytest.raises(RuntimeError, match=r"models\[0\].*built no cache of its own"):
         Ensemble([model], [tokenizer]).generate(PROMPTS[:1], max_new_tokens=2, progress=False)
+
+
+@pytest.mark.skipif(not _decodes_recurrent("lfm2"), reason="LFM2 needs a later transformers")
+def test_the_cache_goes_by_the_name_the_model_takes(toy_tokenizers, monkeypatch) -> None:
+    # Later transformers releases call the cache `cache` and log a deprecation for the older
+    # `past_key_values`, given or read: the loop uses the name each model's forward takes.
+    logged: list[str] = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, message, *a, **k: logged.append(message))
+    tokenizer = toy_tokenizers["toy_byte"]
+    models = [
+        tiny_auto_model("lfm2", tokenizer, **RECURRENT_OVERRIDES["lfm2"]),  # builds its own cache
+        tiny_model_for_tokenizer("llama", tokenizer),
+    ]
+    Ensemble(models, [tokenizer] * 2).generate(PROMPTS[:2], max_new_tokens=4, progress=False)
+    assert not [message for message in logged if "deprecated" in str(message)]
 
 
 def test_every_decoded_recurrent_model_type_is_checked() -> None:

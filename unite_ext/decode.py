@@ -480,7 +480,7 @@ class _ModelBatch:
             kwargs["logits_to_keep"] = 1
         output = self.member.model(**kwargs)
         if self.cache is None:
-            self.cache = getattr(output, "past_key_values", None)
+            self.cache = getattr(output, self.member.cache_argument, None)
             if self.cache is None:
                 raise RuntimeError(f"{self.member.name} built no cache of its own when given none")
         return output.logits[:, -1, :]
