@@ -523,6 +523,37 @@ def test_mmlu_hub_layout_matches_the_csv_release(tmp_path):
     assert from_csv[0].prompt.count("Dev question") == 5
 
 
+@pytest.mark.parametrize("name", ["mmlu", "cmmlu"])
+def test_a_limited_run_takes_every_subjects_first_questions_in_turn(name):
+    # Subjects a (3 questions), b (1), c (2), in load order. Turns: a0 b0 c0, then a1 c1, then a2.
+    sizes = {"a": 3, "b": 1, "c": 2}
+    examples = [
+        Example(id=f"{s}/{i}", prompt="", gold="A", subject=s) for s, n in sizes.items() for i in range(n)
+    ]
+    task = get_task(name)
+    ids = {count: [e.id for e in task.first(examples, count)] for count in (1, 3, 4, 5, 6, 9)}
+    assert ids[1] == ["a/0"]
+    assert ids[3] == ["a/0", "b/0", "c/0"]
+    assert ids[4] == ["a/0", "a/1", "b/0", "c/0"]
+    assert ids[5] == ["a/0", "a/1", "b/0", "c/0", "c/1"]
+    assert ids[6] == ids[9] == [e.id for e in examples]
+    # Other tasks take the first questions.
+    assert [e.id for e in get_task("gsm8k").first(examples, 4)] == ["a/0", "a/1", "a/2", "b/0"]
+
+
+def test_limit_on_the_command_line_covers_every_subject(tmp_path):
+    import argparse
+
+    from unite_ext.cli import load_examples
+
+    for subject in ("algebra", "knots"):  # two questions each
+        write_csv(tmp_path / "dev" / f"{subject}_dev.csv", [[r[0].format(subject), *r[1:]] for r in MMLU_DEV])
+        write_csv(tmp_path / "test" / f"{subject}_test.csv", MMLU_TEST["knots"])
+    args = argparse.Namespace(task="mmlu", data=tmp_path / "test", fewshot=None, limit=2)
+    _, examples = load_examples(args)
+    assert [e.id for e in examples] == ["algebra/0", "knots/0"]  # not the first two, algebra/0 and /1
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

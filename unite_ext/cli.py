@@ -127,7 +127,12 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
         "CMMLU: also a folder of subject folders)",
     )
     parser.add_argument("--fewshot", type=Path, default=None, help="solved examples (default: the task's)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate only N questions: the first ones (MMLU/CMMLU: each subject's first, in turn)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's budget")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -141,7 +146,7 @@ def load_examples(args: argparse.Namespace) -> tuple[Any, list[Any]]:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     task = get_task(args.task)
     examples = task.load(args.data, args.fewshot)
-    return task, examples[: args.limit] if args.limit is not None else examples
+    return task, task.first(examples, args.limit) if args.limit is not None else examples
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -72,6 +72,10 @@ class Task(ABC):
     def score(self, response: str, example: Example) -> Score:
         """Read the answer from a model's response and compare it with the gold answer."""
 
+    def first(self, examples: Sequence[Example], count: int) -> list[Example]:
+        """The ``count`` questions a limited run evaluates (``--limit``): the first ones."""
+        return list(examples[:count])
+
     def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         """Accuracy over the evaluated records (each with a boolean ``"correct"``).
 

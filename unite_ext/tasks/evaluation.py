@@ -165,7 +165,7 @@ def evaluate(
 
     Args:
         task: scores responses and summarises the records.
-        examples: what to evaluate, e.g. ``task.load(data)[:limit]``.
+        examples: what to evaluate, e.g. ``task.load(data)`` or ``task.first(task.load(data), limit)``.
         generate: produces the responses.
         out: JSON Lines file, one record per example: ``id``, ``prompt``, ``prediction`` (the response),
             ``extracted`` (the answer read from it), ``gold``, ``correct``, ``tokens`` (decoding steps),

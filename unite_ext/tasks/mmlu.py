@@ -199,6 +199,16 @@ class SubjectChoiceTask(Task):
                 )
         return examples
 
+    def first(self, examples: Sequence[Example], count: int) -> list[Example]:
+        """Every subject's first question, then every subject's second, ... until ``count`` (kept in
+        their order), so that a limited run covers the subjects evenly rather than the first few."""
+        rank: dict[str | None, int] = defaultdict(int)
+        turns = []
+        for index, example in enumerate(examples):
+            turns.append((rank[example.subject], index))
+            rank[example.subject] += 1
+        return [examples[index] for index in sorted(index for _, index in sorted(turns)[:count])]
+
     def score(self, response: str, example: Example) -> Score:
         extracted = first_option_letter(cut_at_stop(response, self.stop), example.options)
         return Score(extracted, extracted == example.gold)
