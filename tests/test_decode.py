@@ -649,6 +649,27 @@ def test_prompts_and_chat_messages_use_each_tokenizers_rules(tokenizers) -> None
         plain.generate(messages=conversations, max_new_tokens=1, progress=False)
 
 
+def test_a_conversation_ending_with_an_assistant_message_is_continued(toy_tokenizers) -> None:
+    toks = [copy.deepcopy(toy_tokenizers[name]) for name in ("toy_byte", "toy_sp")]
+    for tokenizer in toks:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    models = [tiny_model_for_tokenizer("llama", tokenizer, seed=60 + i) for i, tokenizer in enumerate(toks)]
+    conversations = [
+        [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is"}],
+        [{"role": "user", "content": "What is 2+2?"}],
+    ]
+    recorder = Recorder(keep_logits=True)
+    Ensemble(models, toks).generate(
+        messages=conversations, max_new_tokens=1, on_step=recorder, progress=False
+    )
+    # By hand from CHAT_TEMPLATE: the assistant's message is left open, the other gets the generation prompt.
+    texts = ["<|user|>What is 2+2?\n<|assistant|>It is", "<|user|>What is 2+2?\n<|assistant|>"]
+    first = recorder.traces[0]
+    for i, tokenizer in enumerate(toks):
+        for b, row in enumerate(first.rows):
+            assert first.tokens[i][b] == tokenizer(texts[row], add_special_tokens=False)["input_ids"]
+
+
 def test_chat_template_kwargs_reach_each_template(toy_tokenizers) -> None:
     """Variables for the chat templates (Qwen3's enable_thinking, say): one dict for every model, or one
     per model; each model's prompt is its own tokenizer's rendering with them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import math
@@ -24,7 +25,12 @@ from tiny_models import (  # noqa: E402
 
 from unite_ext.decode import Ensemble, _decodes_recurrent  # noqa: E402
 from unite_ext.lm_eval import UniteLM, combine_loglikelihoods  # noqa: E402
-from unite_ext.toy_tokenizers import SAMPLE_TEXTS, train_byte_level_bpe, train_sentencepiece_bpe  # noqa: E402
+from unite_ext.toy_tokenizers import (  # noqa: E402
+    SAMPLE_TEXTS,
+    SIMPLE_CHAT_TEMPLATE,
+    train_byte_level_bpe,
+    train_sentencepiece_bpe,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -204,7 +210,8 @@ def test_loglikelihood_rolling_matches_full_text_scores(members):
     assert value == pytest.approx(float(np.logaddexp(*scores) - math.log(2)), abs=1e-4)
 
 
-def test_simple_evaluate_on_a_local_multiple_choice_task(tmp_path):
+@pytest.mark.parametrize("chat", [False, True])
+def test_simple_evaluate_on_a_local_multiple_choice_task(tmp_path, chat):
     folders = [
         save_tiny_checkpoint(tmp_path / "byte", "byte", 5),
         save_tiny_checkpoint(tmp_path / "sp", "sentencepiece", 6),
@@ -216,7 +223,8 @@ def test_simple_evaluate_on_a_local_multiple_choice_task(tmp_path):
         ("Do rocks fly?", 1),
         ("Is the sun far?", 2),
     ]
-    records = [{"q": q, "choices": [" yes", " no", " maybe"], "label": label} for q, label in questions]
+    choices = (" yes", " no", " maybe")
+    records = [{"q": q, "choices": list(choices), "label": label} for q, label in questions]
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     task = {
@@ -235,22 +243,38 @@ def test_simple_evaluate_on_a_local_multiple_choice_task(tmp_path):
         model_args=f"models={folders[0]};{folders[1]},weights=0.6;0.4,batch_size=4,greedy_check=False",
         tasks=[task],
         task_manager=TaskManager(include_defaults=False),
+        apply_chat_template=chat,
+        log_samples=True,
     )
-    # Reference accuracy: each question's answer is the choice with the largest mixture likelihood,
-    # computed here model by model without the harness.
+    # Reference: every choice's mixture likelihood, computed here model by model without the harness,
+    # from what the harness asks (its target delimiter " " before each choice, none with chat templates).
+    # With chat, each model reads the question as one user message in its template (the tiny checkpoints'
+    # SIMPLE_CHAT_TEMPLATE), the template's closing newline moved to the continuation.
     ensemble = Ensemble.from_pretrained(folders)
-    right = 0
-    for question, label in questions:
-        context = f"Question: {question}\nAnswer:"
+    expected: dict[str, list[float]] = {}
+    for question, _ in questions:
         mixtures = []
-        for choice in (" yes", " no", " maybe"):
+        for choice in choices:
             scores = []
             for i, member in enumerate(ensemble.members):
-                context_ids = member.tokenizer(context)["input_ids"]
-                choice_ids = ensemble.tables.encode_mid_text(i, choice.encode())
+                if chat:
+                    eos = member.tokenizer.eos_token
+                    context = f"<|user|>\nQuestion: {question}\nAnswer:{eos}\n<|assistant|>"
+                    context_ids = member.tokenizer(context, add_special_tokens=False)["input_ids"]
+                    continuation = "\n" + choice
+                else:
+                    context_ids = member.tokenizer(f"Question: {question}\nAnswer:")["input_ids"]
+                    continuation = " " + choice
+                choice_ids = ensemble.tables.encode_mid_text(i, continuation.encode())
                 scores.append(reference_loglikelihood(member.model, context_ids, choice_ids))
             mixtures.append(float(np.logaddexp(math.log(0.6) + scores[0], math.log(0.4) + scores[1])))
-        right += int(np.argmax(mixtures)) == label
+        expected[question] = mixtures
+    samples = results["samples"]["tiny_mc"]
+    assert len(samples) == len(questions)
+    for sample in samples:
+        got = [value for ((value, _),) in sample["resps"]]
+        assert got == pytest.approx(expected[sample["doc"]["q"]], abs=1e-4)
+    right = sum(int(np.argmax(expected[q])) == label for q, label in questions)
     assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(right / len(questions))
 
 
@@ -275,11 +299,102 @@ def test_bad_arguments(kwargs, match):
         UniteLM(**kwargs)
 
 
-def test_chat_spec_is_refused(tmp_path):
+# A second template, of another shape, that refuses system messages (as Gemma 2's and Mistral's do).
+TURNS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "[{{ m['role'] }}] {{ m['content'] }}"
+    "{% if not loop.last or add_generation_prompt %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+@pytest.fixture()
+def chat_lm(members, caplog):
+    """The two models with chat templates of different shapes."""
+    models, tokenizers = zip(*members, strict=True)
+    tokenizers = [copy.deepcopy(t) for t in tokenizers]
+    tokenizers[0].chat_template, tokenizers[1].chat_template = SIMPLE_CHAT_TEMPLATE, TURNS_TEMPLATE
+    return UniteLM(ensemble=Ensemble(list(models), tokenizers, weights=[0.4, 0.6]), batch_size=2)
+
+
+def test_chat_contexts_are_rendered_by_each_model(chat_lm, caplog):
+    lm, eos = chat_lm, "<|endoftext|>"
+    tokenizers = [member.tokenizer for member in lm.members]
+    question = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is fire hot?"}]
+    asked = lm.apply_chat_template(question)
+    assert "without its system messages" in caplog.text  # the second template refuses them
+    prefilled = lm.apply_chat_template(
+        [{"role": "user", "content": "Is fire hot?"}, {"role": "assistant", "content": "Answer:"}],
+        add_generation_prompt=False,
+    )
+    # Each model's rendering, by hand from its template, with the trailing whitespace moved to the
+    # continuation; the system message is gone for both.
+    expected_texts = {
+        asked: [
+            (f"<|user|>\nIs fire hot?{eos}\n<|assistant|>", "\n yes"),
+            ("[user] Is fire hot?\n[assistant]", " yes"),
+        ],
+        prefilled: [
+            (f"<|user|>\nIs fire hot?{eos}\n<|assistant|>\nAnswer:", " yes"),
+            ("[user] Is fire hot?\n[assistant] Answer:", " yes"),
+        ],
+    }
+    values = lm.loglikelihood([request("loglikelihood", context, " yes") for context in expected_texts])
+    for (value, _), texts in zip(values, expected_texts.values(), strict=True):
+        scores = []
+        for i, (member, (context, continuation)) in enumerate(zip(lm.members, texts, strict=True)):
+            context_ids = tokenizers[i](context, add_special_tokens=False)["input_ids"]
+            continuation_ids = lm.ensemble.tables.encode_mid_text(i, continuation.encode())
+            scores.append(reference_loglikelihood(member.model, context_ids, continuation_ids))
+        assert value == pytest.approx(
+            float(np.logaddexp(math.log(0.4) + scores[0], math.log(0.6) + scores[1])), abs=1e-4
+        )
+    # Generation: each model reads its own rendering, as Ensemble.generate renders messages.
+    settings = {"until": ["\n"], "max_gen_toks": 6}
+    outputs = lm.generate_until([request("generate_until", c, dict(settings)) for c in expected_texts])
+    conversations = [
+        question[1:],
+        [{"role": "user", "content": "Is fire hot?"}, {"role": "assistant", "content": "Answer:"}],
+    ]
+    assert outputs == [
+        g.text
+        for g in lm.ensemble.generate(messages=conversations, max_new_tokens=6, stop="\n", progress=False)
+    ]
+
+
+def test_chat_contexts_errors(chat_lm, members):
+    lm = chat_lm
+    user = [{"role": "user", "content": "Is fire hot?"}]
+    with pytest.raises(ValueError, match="either ends with an assistant message"):
+        lm.apply_chat_template(user, add_generation_prompt=False)
+    with pytest.raises(ValueError, match="changed after apply_chat_template"):
+        lm.loglikelihood([request("loglikelihood", lm.apply_chat_template(user) + " Answer:", " yes")])
+    with pytest.raises(ValueError, match="named chat template"):
+        lm.chat_template("tool_use")
+    assert TURNS_TEMPLATE in lm.chat_template(True)
+    long = [{"role": "user", "content": " ".join(SAMPLE_TEXTS) * 20}]
+    with pytest.raises(ValueError, match="a conversation is not cut"):
+        lm.generate_until([request("generate_until", lm.apply_chat_template(long), {"max_gen_toks": 4})])
+    model, tokenizer = members[0]
+    with pytest.raises(ValueError, match="has no chat template"):
+        UniteLM(ensemble=Ensemble([model], [tokenizer])).apply_chat_template(user)
+
+
+def test_a_chat_spec_needs_the_harness_chat_templates(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "byte", "byte", 5)
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"models": [{"path": "/m/a", "chat_template": True}]}))
-    with pytest.raises(ValueError, match="chat_template"):
-        UniteLM(spec=str(spec))
+    spec.write_text(
+        json.dumps(
+            {"models": [{"path": str(folder), "chat_template": True, "chat_template_kwargs": {"x": 1}}]}
+        )
+    )
+    lm = UniteLM(spec=str(spec), greedy_check=False)
+    assert lm.template_kwargs == [{"x": 1}]
+    with pytest.raises(ValueError, match="apply_chat_template=True"):
+        lm.loglikelihood([request("loglikelihood", "Is fire hot?", " yes")])
+    context = lm.apply_chat_template([{"role": "user", "content": "Is fire hot?"}])
+    ((value, _),) = lm.loglikelihood([request("loglikelihood", context, " yes")])
+    assert math.isfinite(value)
 
 
 def test_auto_batch_size_is_refused(members):

@@ -158,6 +158,22 @@ class _Member:
         return self.rollbacks >= 2 and self.rollbacks > COPY_ROLLBACK_RATE * self.steps_followed
 
 
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, conversation: Sequence[dict], template_kwargs: dict[str, Any]
+) -> str:
+    """A conversation in the tokenizer's chat template, ready for the reply: with the generation prompt,
+    or, when it ends with an assistant message, up to that message's end so that the reply continues it
+    (as Hugging Face's chat pipelines do). Encode the text without adding special tokens."""
+    continues = bool(conversation) and conversation[-1].get("role") == "assistant"
+    return tokenizer.apply_chat_template(
+        list(conversation),
+        add_generation_prompt=not continues,
+        continue_final_message=continues,
+        tokenize=False,
+        **template_kwargs,
+    )
+
+
 # Share of rollbacks among a recurrent model's steps above which it copies its cache (_Member.copies_pay).
 COPY_ROLLBACK_RATE = 0.005
 # Models whose attention bias grows with the distance in cache slots (MPT's ALiBi takes no position
@@ -785,10 +801,7 @@ class Ensemble:
             rows = [
                 [
                     m.tokenizer(
-                        m.tokenizer.apply_chat_template(
-                            list(c), add_generation_prompt=True, tokenize=False, **template_kwargs[m.index]
-                        ),
-                        add_special_tokens=False,
+                        render_chat(m.tokenizer, c, template_kwargs[m.index]), add_special_tokens=False
                     )["input_ids"]
                     for m in self.members
                 ]
@@ -830,7 +843,8 @@ class Ensemble:
         Args:
             prompts: texts (or one text), encoded with each tokenizer's own special-token rules (e.g. BOS).
             messages: conversations (lists of {"role", "content"} dicts) instead of prompts, rendered with
-                each model's own chat template and its generation prompt.
+                each model's own chat template and its generation prompt; a conversation that ends with an
+                assistant message is continued instead (the reply starts with that message's content).
             max_new_tokens: most tokens (ensemble steps) per row. Default 256.
             stop: strings that end a row; the text returned stops before the first one found.
             do_sample: sample (with `temperature` and `top_p`) instead of the greedy choice. Default False.

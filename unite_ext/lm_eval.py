@@ -35,17 +35,28 @@ How requests are answered:
 - ``loglikelihood_rolling``: each model's log-likelihood of the whole text (in windows of its maximum
   length, after its BOS, or EOS when it has no BOS), combined the same way.
 
-Chat templates (``apply_chat_template``) are not supported: each model would need its own rendering.
+Chat templates (the harness's ``apply_chat_template=True``, with ``fewshot_as_multiturn`` or without):
+each model renders the conversation with its own template (its tokenizer's, or the spec's file, with the
+spec's ``chat_template_kwargs`` over the ``chat_template_kwargs`` argument), as ``Ensemble.generate`` renders
+``messages``: the generation prompt, or, after the harness's assistant prefix (``gen_prefix``), the open
+assistant message. The harness renders a conversation to one string, so the string a request carries is
+the conversation itself (``CHAT_MARKER`` and its messages as JSON). A conversation that some model's
+template refuses (Gemma 2's and Mistral's refuse system messages) goes to every model without its system
+messages, with a warning, as the harness's Hugging Face backend does for one model. A chat context too long
+for a model's maximum length is an error (a conversation is not cut). A spec file with ``chat_template``
+set needs the harness's ``apply_chat_template=True``: plain prompts are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import jinja2
 import torch
 
 from unite_ext.defaults import DEFAULT_K, DEFAULT_SYNC
@@ -59,12 +70,14 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "unite_ext.lm_eval needs lm-evaluation-harness: pip install lm_eval (or unite_ext[lm_eval])"
     ) from error
 
-from unite_ext.decode import context_length
+from unite_ext.decode import context_length, render_chat
 from unite_ext.model_spec import ModelSpec, build_ensemble, load_spec, uses_chat
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # for models whose config states no context length
+# Opens a request's context that holds a conversation (its messages as JSON) rather than text.
+CHAT_MARKER = "\x1eunite-chat\x1e"
 
 
 def split_list(value: str | Sequence[Any] | None) -> list[Any] | None:
@@ -72,6 +85,13 @@ def split_list(value: str | Sequence[Any] | None) -> list[Any] | None:
     if value is None or isinstance(value, (list, tuple)):
         return None if value is None else list(value)
     return [part.strip() for part in str(value).split(";") if part.strip()]
+
+
+def move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """The context's trailing whitespace moved to the continuation (" Paris" reads better than "Answer: "
+    + "Paris"), as the harness's Hugging Face backend does."""
+    spaces = len(context) - len(context.rstrip())
+    return (context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation)
 
 
 def combine_loglikelihoods(per_model: Sequence[float], weights: Sequence[float]) -> float:
@@ -102,6 +122,8 @@ class UniteLM(LM):
         max_length: most tokens a model reads at once (default: each model's configured context length,
             else 2048).
         greedy_check: compute ``is_greedy`` for ``loglikelihood`` (default true).
+        chat_template_kwargs: variables of every model's chat template (e.g. ``{"enable_thinking": False}``),
+            under a spec's own; used with the harness's ``apply_chat_template``.
         ensemble: an already built ``unite_ext.decode.Ensemble`` instead of ``models``/``spec``.
     """
 
@@ -120,6 +142,7 @@ class UniteLM(LM):
         max_gen_toks: int = 256,
         max_length: int | None = None,
         greedy_check: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
         ensemble: Any = None,
     ) -> None:
         super().__init__()
@@ -140,11 +163,19 @@ class UniteLM(LM):
                 specs = [
                     dataclasses.replace(s, weight=float(w)) for s, w in zip(specs, weight_list, strict=True)
                 ]
-            if uses_chat(specs):
-                raise ValueError("chat_template is not supported here: the harness sends rendered prompts")
+            self.chat_required = uses_chat(specs)
+            own_kwargs = [spec.chat_template_kwargs or {} for spec in specs]
             ensemble = build_ensemble(specs, k=int(k), sync=sync)
-        elif weights is not None:
-            raise ValueError("weights=... cannot be combined with ensemble=...; set them on the Ensemble")
+        else:
+            if weights is not None:
+                raise ValueError("weights=... cannot be combined with ensemble=...; set them on the Ensemble")
+            self.chat_required = False
+            own_kwargs = [{} for _ in ensemble.members]
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        # Each model's template variables: the shared ones, under its spec's own.
+        self.template_kwargs = [{**(chat_template_kwargs or {}), **own} for own in own_kwargs]
+        self.warned_system_refusal = False
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise ValueError(f"batch_size must be a number, got {batch_size!r} ('auto' is not supported)")
         self.ensemble = ensemble
@@ -172,11 +203,14 @@ class UniteLM(LM):
         tokenizer = member.tokenizer
         return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else member.eos_token_ids[0]
 
-    def encode_pair(self, index: int, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Model ``index``'s (context tokens, continuation tokens); see the module documentation."""
+    def encode_pair(
+        self, index: int, context: str, continuation: str, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[int]]:
+        """Model ``index``'s (context tokens, continuation tokens); see the module documentation. A rendered
+        chat context carries its special tokens already (``add_special_tokens=False``)."""
         member = self.members[index]
         if context:
-            context_ids = list(member.tokenizer(context)["input_ids"])
+            context_ids = list(member.tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"])
             continuation_ids = self.ensemble.tables.encode_mid_text(index, continuation.encode("utf-8"))
             return context_ids, continuation_ids
         ids = list(member.tokenizer(continuation)["input_ids"])
@@ -239,17 +273,96 @@ class UniteLM(LM):
             combine_loglikelihoods(values, self.ensemble.weights) for values in zip(*per_model, strict=True)
         ]
 
+    # ------------------------------------------------------------------ chat templates
+
+    def conversation(self, context: str) -> list[dict[str, Any]] | None:
+        """The conversation a request's context holds (``apply_chat_template``), or None for plain text."""
+        if not context.startswith(CHAT_MARKER):
+            if self.chat_required:
+                raise ValueError(
+                    "the spec renders prompts with chat templates (chat_template): run the harness with "
+                    "apply_chat_template=True"
+                )
+            return None
+        try:
+            return json.loads(context[len(CHAT_MARKER) :])
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                "a chat context was changed after apply_chat_template made it (it must stay a whole "
+                f"conversation, for each model to render): {context[:200]!r}"
+            ) from error
+
+    def model_context(self, index: int, context: str) -> tuple[str, bool]:
+        """Model ``index``'s text of a request's context, and whether it is a rendered conversation."""
+        messages = self.conversation(context)
+        if messages is None:
+            return context, False
+        return render_chat(self.members[index].tokenizer, messages, self.template_kwargs[index]), True
+
+    def template_refusing(self, messages: list[dict[str, Any]]) -> str | None:
+        """The first model whose chat template raises an error on the conversation, if any."""
+        for index, member in enumerate(self.members):
+            try:
+                render_chat(member.tokenizer, messages, self.template_kwargs[index])
+            except jinja2.TemplateError:
+                return member.name
+        return None
+
     # ------------------------------------------------------------------ the LM interface
 
+    @property
+    def tokenizer_name(self) -> str:
+        """Every model's tokenizer, for the harness's fingerprint of chat-templated requests."""
+        return "+".join(member.tokenizer.name_or_path.replace("/", "__") for member in self.members)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """Every model's chat template, for the harness's record of the run."""
+        if not chat_template:
+            return None
+        if isinstance(chat_template, str):
+            raise ValueError(
+                f"a named chat template ({chat_template!r}) is not supported: each model renders with its "
+                "tokenizer's template, or the template file its spec names"
+            )
+        return "\n\n".join(f"{member.name}: {member.tokenizer.chat_template}" for member in self.members)
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The conversation as a request's context, for each model to render with its own template."""
+        messages = [dict(message) for message in chat_history]
+        continues = bool(messages) and messages[-1].get("role") == "assistant"
+        if add_generation_prompt == continues:
+            raise ValueError(
+                "a conversation either ends with an assistant message to continue (add_generation_prompt="
+                f"False) or gets the generation prompt; got add_generation_prompt={add_generation_prompt} "
+                f"after a {messages[-1].get('role') if messages else 'missing'!r} message"
+            )
+        for member in self.members:
+            if not member.tokenizer.chat_template:
+                raise ValueError(f"{member.name}'s tokenizer has no chat template")
+        refusing = self.template_refusing(messages)
+        if refusing is not None and any(message.get("role") == "system" for message in messages):
+            if not self.warned_system_refusal:
+                logger.warning(
+                    "unite: %s's chat template refuses the conversation; every model gets it without its "
+                    "system messages",
+                    refusing,
+                )
+                self.warned_system_refusal = True
+            messages = [message for message in messages if message.get("role") != "system"]
+        return CHAT_MARKER + json.dumps(messages, ensure_ascii=False)
+
+    def encode_request(self, index: int, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Model ``index``'s tokens of a loglikelihood request: its text of the context (a conversation
+        rendered with its template), trailing whitespace moved to the continuation."""
+        text, chat = self.model_context(index, context)
+        text, continuation = move_trailing_space(text, continuation)
+        return self.encode_pair(index, text, continuation, add_special_tokens=not chat)
+
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = []
-        for request in requests:
-            context, continuation = request.args
-            spaces = len(context) - len(context.rstrip())
-            if spaces:  # " Paris" reads better than "Answer: " + "Paris"
-                context, continuation = context[:-spaces], context[-spaces:] + continuation
-            pairs.append((context, continuation))
-        encoded = [[self.encode_pair(i, c, x) for c, x in pairs] for i in range(len(self.members))]
+        pairs = [request.args for request in requests]
+        encoded = [[self.encode_request(i, c, x) for c, x in pairs] for i in range(len(self.members))]
         values = self.ensemble_loglikelihoods(encoded)
         greedy = self.greedy_flags(pairs) if self.greedy_check else [False] * len(pairs)
         results = list(zip(values, greedy, strict=True))
@@ -287,7 +400,9 @@ class UniteLM(LM):
         return fitted
 
     def greedy_flags(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
-        """Whether the ensemble's greedy generation from each context starts with the continuation."""
+        """Whether the ensemble's greedy generation from each context starts with the continuation (a
+        plain context without its trailing whitespace, which the continuation takes)."""
+        pairs = [p if self.conversation(p[0]) is not None else move_trailing_space(*p) for p in pairs]
         flags = [False] * len(pairs)
         by_budget: dict[int, list[int]] = {}
         for i, (_, continuation) in enumerate(pairs):
@@ -297,15 +412,40 @@ class UniteLM(LM):
             contexts = [pairs[i][0] for i in rows]
             if any(not c for c in contexts):
                 raise ValueError("is_greedy needs a non-empty context; pass greedy_check=False")
-            generations = self.ensemble.generate(
-                prompts=self.fit_contexts(contexts, budget),
-                max_new_tokens=budget,
-                batch_size=self.batch_size,
-                progress=False,
-            )
-            for i, generation in zip(rows, generations, strict=True):
-                flags[i] = generation.text.startswith(pairs[i][1])
+            texts = self.generate_texts(contexts, budget, progress=False)
+            for i, text in zip(rows, texts, strict=True):
+                flags[i] = text.startswith(pairs[i][1])
         return flags
+
+    def generate_texts(self, contexts: Sequence[str], max_new_tokens: int, **settings: Any) -> list[str]:
+        """The ensemble's generations from request contexts: plain texts (cut to fit, ``fit_contexts``) or
+        conversations, which each model renders with its template."""
+        conversations = [self.conversation(context) for context in contexts]
+        if all(messages is None for messages in conversations):
+            inputs: dict[str, Any] = {"prompts": self.fit_contexts(contexts, max_new_tokens)}
+        elif all(messages is not None for messages in conversations):
+            self.check_chat_room(conversations, max_new_tokens)
+            inputs = {"messages": conversations, "chat_template_kwargs": self.template_kwargs}
+        else:
+            raise ValueError("a batch of requests mixes plain contexts and conversations")
+        generations = self.ensemble.generate(
+            **inputs, max_new_tokens=max_new_tokens, batch_size=self.batch_size, **settings
+        )
+        return [generation.text for generation in generations]
+
+    def check_chat_room(self, conversations: Sequence[list[dict[str, Any]]], max_new_tokens: int) -> None:
+        """Every rendered conversation leaves every model ``max_new_tokens`` positions (none is cut)."""
+        for index, member in enumerate(self.members):
+            limit = self.model_max_length(member)
+            for messages in conversations:
+                text = render_chat(member.tokenizer, messages, self.template_kwargs[index])
+                length = len(member.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if length + max_new_tokens > limit:
+                    raise ValueError(
+                        f"a conversation of {length} tokens leaves {member.name} fewer than {max_new_tokens} "
+                        f"of its {limit} positions (a conversation is not cut): use fewer few-shot turns "
+                        "or a smaller max_gen_toks"
+                    )
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         windows_per_model: list[list[tuple[list[int], list[int]]]] = []
@@ -353,17 +493,16 @@ class UniteLM(LM):
             top_p = float(settings.pop("top_p", 1.0))
             if settings:
                 logger.warning("unite: ignoring generation settings %s", sorted(settings))
-            generations = self.ensemble.generate(
-                prompts=self.fit_contexts([requests[i].args[0] for i in rows], max_new_tokens),
-                max_new_tokens=max_new_tokens,
+            texts = self.generate_texts(
+                [requests[i].args[0] for i in rows],
+                max_new_tokens,
                 stop=stop or None,
                 do_sample=do_sample,
                 temperature=temperature if do_sample else 1.0,
                 top_p=top_p if do_sample else 1.0,
-                batch_size=self.batch_size,
                 progress=not disable_tqdm,
             )
-            for i, generation in zip(rows, generations, strict=True):
-                results[i] = generation.text
-                self.cache_hook.add_partial("generate_until", requests[i].args, generation.text)
+            for i, text in zip(rows, texts, strict=True):
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results
