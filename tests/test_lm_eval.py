@@ -388,8 +388,10 @@ def test_a_chat_spec_needs_the_harness_chat_templates(tmp_path):
             {"models": [{"path": str(folder), "chat_template": True, "chat_template_kwargs": {"x": 1}}]}
         )
     )
-    lm = UniteLM(spec=str(spec), greedy_check=False)
-    assert lm.template_kwargs == [{"x": 1}]
+    lm = UniteLM(spec=str(spec), greedy_check=False, enable_thinking=False)
+    assert lm.template_kwargs == [{"enable_thinking": False, "x": 1}]
+    shared = UniteLM(spec=str(spec), chat_template_args={"x": 2, "y": 3})
+    assert shared.template_kwargs == [{"x": 1, "y": 3}]  # the spec's own win
     with pytest.raises(ValueError, match="apply_chat_template=True"):
         lm.loglikelihood([request("loglikelihood", "Is fire hot?", " yes")])
     context = lm.apply_chat_template([{"role": "user", "content": "Is fire hot?"}])

@@ -14,7 +14,8 @@ Usage::
 or ``simple_evaluate(model=UniteLM(spec="chosen.json"))``. Model arguments: ``models`` (paths or hub
 names separated by ``;``, or a list), or ``spec`` (a model spec file, see :mod:`unite_ext.model_spec`);
 ``weights`` (``;``-separated or a list), ``k``, ``sync``, ``dtype``, ``device_map``, ``batch_size``,
-``max_gen_toks``, ``max_length``, ``greedy_check``; see :class:`UniteLM`. The package also declares the
+``max_gen_toks``, ``max_length``, ``greedy_check``, ``enable_thinking`` (and, from Python,
+``chat_template_args``); see :class:`UniteLM`. The package also declares the
 entry point ``unite = "unite_ext.lm_eval:UniteLM"`` in the group ``lm_eval.models``.
 
 How requests are answered:
@@ -37,14 +38,14 @@ How requests are answered:
 
 Chat templates (the harness's ``apply_chat_template=True``, with ``fewshot_as_multiturn`` or without):
 each model renders the conversation with its own template (its tokenizer's, or the spec's file, with the
-spec's ``chat_template_kwargs`` over the ``chat_template_kwargs`` argument), as ``Ensemble.generate`` renders
-``messages``: the generation prompt, or, after the harness's assistant prefix (``gen_prefix``), the open
-assistant message. The harness renders a conversation to one string, so the string a request carries is
-the conversation itself (``CHAT_MARKER`` and its messages as JSON). A conversation that some model's
-template refuses (Gemma 2's and Mistral's refuse system messages) goes to every model without its system
-messages, with a warning, as the harness's Hugging Face backend does for one model. A chat context too long
-for a model's maximum length is an error (a conversation is not cut). A spec file with ``chat_template``
-set needs the harness's ``apply_chat_template=True``: plain prompts are refused.
+spec's ``chat_template_kwargs`` over the ``chat_template_args`` and ``enable_thinking`` arguments), as
+``Ensemble.generate`` renders ``messages``: the generation prompt, or, after the harness's assistant prefix
+(``gen_prefix``), the open assistant message. The harness renders a conversation to one string, so the
+string a request carries is the conversation itself (``CHAT_MARKER`` and its messages as JSON). A
+conversation that some model's template refuses (Gemma 2's and Mistral's refuse system messages) goes to
+every model without its system messages, with a warning, as the harness's Hugging Face backend does for one
+model. A chat context too long for a model's maximum length is an error (a conversation is not cut). A spec
+file with ``chat_template`` set needs the harness's ``apply_chat_template=True``: plain prompts are refused.
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ class UniteLM(LM):
         max_length: most tokens a model reads at once (default: each model's configured context length,
             else 2048).
         greedy_check: compute ``is_greedy`` for ``loglikelihood`` (default true).
-        chat_template_kwargs: variables of every model's chat template (e.g. ``{"enable_thinking": False}``),
-            under a spec's own; used with the harness's ``apply_chat_template``.
+        chat_template_args: variables of every model's chat template, under a spec's own
+            ``chat_template_kwargs``; used with the harness's ``apply_chat_template`` (names as in the
+            harness's Hugging Face backend).
+        enable_thinking: sets the template variable ``enable_thinking`` (Qwen3's) when given.
         ensemble: an already built ``unite_ext.decode.Ensemble`` instead of ``models``/``spec``.
     """
 
@@ -142,7 +145,8 @@ class UniteLM(LM):
         max_gen_toks: int = 256,
         max_length: int | None = None,
         greedy_check: bool = True,
-        chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template_args: dict[str, Any] | None = None,
+        enable_thinking: bool | None = None,
         ensemble: Any = None,
     ) -> None:
         super().__init__()
@@ -171,10 +175,13 @@ class UniteLM(LM):
                 raise ValueError("weights=... cannot be combined with ensemble=...; set them on the Ensemble")
             self.chat_required = False
             own_kwargs = [{} for _ in ensemble.members]
-        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
-            raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        if chat_template_args is not None and not isinstance(chat_template_args, dict):
+            raise TypeError(f"chat_template_args must be a dict, got {type(chat_template_args).__name__}")
+        shared = dict(chat_template_args or {})
+        if enable_thinking is not None:
+            shared["enable_thinking"] = bool(enable_thinking)
         # Each model's template variables: the shared ones, under its spec's own.
-        self.template_kwargs = [{**(chat_template_kwargs or {}), **own} for own in own_kwargs]
+        self.template_kwargs = [{**shared, **own} for own in own_kwargs]
         self.warned_system_refusal = False
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise ValueError(f"batch_size must be a number, got {batch_size!r} ('auto' is not supported)")
