@@ -158,22 +158,6 @@ class _Member:
         return self.rollbacks >= 2 and self.rollbacks > COPY_ROLLBACK_RATE * self.steps_followed
 
 
-def render_chat(
-    tokenizer: PreTrainedTokenizerBase, conversation: Sequence[dict], template_kwargs: dict[str, Any]
-) -> str:
-    """A conversation in the tokenizer's chat template, ready for the reply: with the generation prompt,
-    or, when it ends with an assistant message, up to that message's end so that the reply continues it
-    (as Hugging Face's chat pipelines do). Encode the text without adding special tokens."""
-    continues = bool(conversation) and conversation[-1].get("role") == "assistant"
-    return tokenizer.apply_chat_template(
-        list(conversation),
-        add_generation_prompt=not continues,
-        continue_final_message=continues,
-        tokenize=False,
-        **template_kwargs,
-    )
-
-
 # Share of rollbacks among a recurrent model's steps above which it copies its cache (_Member.copies_pay).
 COPY_ROLLBACK_RATE = 0.005
 # Models whose attention bias grows with the distance in cache slots (MPT's ALiBi takes no position
@@ -323,6 +307,22 @@ def _position_masks(keys: Tensor, queries: Tensor, local: _LocalAttention) -> Te
             for kind, visible in masks.items()
         }
     return masks if len(masks) > 1 else next(iter(masks.values()))
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, conversation: Sequence[dict], template_kwargs: dict[str, Any]
+) -> str:
+    """A conversation in the tokenizer's chat template, ready for the reply: with the generation prompt,
+    or, when it ends with an assistant message, up to that message's end so that the reply continues it
+    (as Hugging Face's chat pipelines do). Encode the text without adding special tokens."""
+    continues = bool(conversation) and conversation[-1].get("role") == "assistant"
+    return tokenizer.apply_chat_template(
+        list(conversation),
+        add_generation_prompt=not continues,
+        continue_final_message=continues,
+        tokenize=False,
+        **template_kwargs,
+    )
 
 
 def _end_token_ids(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
