@@ -341,7 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(generate)
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
-    source.add_argument("--messages", type=Path, help="JSON file: a list of {role, content} messages")
+    source.add_argument(
+        "--messages",
+        type=Path,
+        help="JSON file: a list of {role, content} messages (a last assistant message is continued)",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
     generate.add_argument("--stop", nargs="+", default=None, help="strings that end the text")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
