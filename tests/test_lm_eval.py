@@ -23,7 +23,7 @@ from tiny_models import (  # noqa: E402
     tiny_model_for_tokenizer,
 )
 
-from unite_ext.decode import Ensemble, _decodes_recurrent  # noqa: E402
+from unite_ext.decode import Ensemble, Generation, _decodes_recurrent  # noqa: E402
 from unite_ext.lm_eval import UniteLM, combine_loglikelihoods  # noqa: E402
 from unite_ext.toy_tokenizers import (  # noqa: E402
     SAMPLE_TEXTS,
@@ -378,6 +378,24 @@ def test_chat_contexts_errors(chat_lm, members):
     model, tokenizer = members[0]
     with pytest.raises(ValueError, match="has no chat template"):
         UniteLM(ensemble=Ensemble([model], [tokenizer])).apply_chat_template(user)
+
+
+def test_think_end_token_keeps_the_answer_after_the_reasoning(members, monkeypatch):
+    model, tokenizer = members[0]
+    ensemble = Ensemble([model], [tokenizer])
+    texts = ["<think>2+2 is 4\n</think>\n\n 4", "no reasoning here", "<think>a</think>b</think> c"]
+    monkeypatch.setattr(
+        ensemble,
+        "generate",
+        lambda **kw: [Generation(t, len(t), 1, "stop") for t in texts[: len(kw["prompts"])]],
+    )
+    lm = UniteLM(ensemble=ensemble, think_end_token="</think>")
+    requests = [request("generate_until", "Q", {"until": ["\n\n"]}) for _ in texts]
+    assert lm.generate_until(requests) == ["4", "no reasoning here", "c"]
+    with pytest.raises(ValueError, match="needs think_end_token"):
+        UniteLM(ensemble=ensemble, enable_thinking=True)
+    with pytest.raises(ValueError, match="the token's text"):
+        UniteLM(ensemble=ensemble, think_end_token="151668")
 
 
 def test_a_chat_spec_needs_the_harness_chat_templates(tmp_path):

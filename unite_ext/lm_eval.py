@@ -14,8 +14,8 @@ Usage::
 or ``simple_evaluate(model=UniteLM(spec="chosen.json"))``. Model arguments: ``models`` (paths or hub
 names separated by ``;``, or a list), or ``spec`` (a model spec file, see :mod:`unite_ext.model_spec`);
 ``weights`` (``;``-separated or a list), ``k``, ``sync``, ``dtype``, ``device_map``, ``batch_size``,
-``max_gen_toks``, ``max_length``, ``greedy_check``, ``enable_thinking`` (and, from Python,
-``chat_template_args``); see :class:`UniteLM`. The package also declares the
+``max_gen_toks``, ``max_length``, ``greedy_check``, ``enable_thinking``, ``think_end_token`` (and, from
+Python, ``chat_template_args``); see :class:`UniteLM`. The package also declares the
 entry point ``unite = "unite_ext.lm_eval:UniteLM"`` in the group ``lm_eval.models``.
 
 How requests are answered:
@@ -126,7 +126,10 @@ class UniteLM(LM):
         chat_template_args: variables of every model's chat template, under a spec's own
             ``chat_template_kwargs``; used with the harness's ``apply_chat_template`` (names as in the
             harness's Hugging Face backend).
-        enable_thinking: sets the template variable ``enable_thinking`` (Qwen3's) when given.
+        enable_thinking: sets the template variable ``enable_thinking`` (Qwen3's) when given; true needs
+            ``think_end_token``.
+        think_end_token: the text that ends a reasoning section (e.g. ``"</think>"``): a generation keeps
+            only what follows its last one, left-stripped, as in the harness's Hugging Face backend.
         ensemble: an already built ``unite_ext.decode.Ensemble`` instead of ``models``/``spec``.
     """
 
@@ -147,6 +150,7 @@ class UniteLM(LM):
         greedy_check: bool = True,
         chat_template_args: dict[str, Any] | None = None,
         enable_thinking: bool | None = None,
+        think_end_token: str | None = None,
         ensemble: Any = None,
     ) -> None:
         super().__init__()
@@ -180,6 +184,13 @@ class UniteLM(LM):
         shared = dict(chat_template_args or {})
         if enable_thinking is not None:
             shared["enable_thinking"] = bool(enable_thinking)
+        if think_end_token is not None and (
+            not isinstance(think_end_token, str) or think_end_token.isdigit()
+        ):
+            raise ValueError(f"think_end_token must be the token's text, got {think_end_token!r}")
+        if enable_thinking and not think_end_token:
+            raise ValueError("enable_thinking=True needs think_end_token (e.g. think_end_token=</think>)")
+        self.think_end_token = think_end_token
         # Each model's template variables: the shared ones, under its spec's own.
         self.template_kwargs = [{**shared, **own} for own in own_kwargs]
         self.warned_system_refusal = False
@@ -510,6 +521,8 @@ class UniteLM(LM):
                 progress=not disable_tqdm,
             )
             for i, text in zip(rows, texts, strict=True):
+                if self.think_end_token:
+                    text = text.split(self.think_end_token)[-1].lstrip()
                 results[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results
