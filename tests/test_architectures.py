@@ -3,7 +3,8 @@
 Each case builds two tiny random models of one architecture from its config (one per trained tokenizer),
 decodes four prompts of different lengths in one batch, and checks every row's logits at every step
 against a fresh pass over the row's tokens. Local-attention models get windows (or chunks) of 6 tokens, so
-that masked cache slots fall inside them. Architectures that the installed transformers lacks are skipped.
+that masked cache slots fall inside them, and their layers drop every key out of reach as soon as they can
+(no rollback margin). Architectures that the installed transformers lacks are skipped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from decode_checks import PROMPTS, Recorder, steps_with_slots_between_tokens
 from tiny_models import tiny_auto_model
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+import unite_ext.decode
 from unite_ext.decode import Ensemble
 
 WINDOW = {"sliding_window": 6}
@@ -59,9 +61,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
-def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, model_type: str) -> None:
+def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, monkeypatch, model_type: str) -> None:
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {model_type} models")
+    monkeypatch.setattr(unite_ext.decode, "_LOCAL_ROLLBACK_MARGIN", 0)
+    monkeypatch.setattr(unite_ext.decode, "_LOCAL_TRIM_SLOTS", 1)
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
     models = [
         tiny_auto_model(model_type, t, seed=50 + n, **ARCHITECTURES[model_type]) for n, t in enumerate(toks)

@@ -285,6 +285,79 @@ def test_local_attention_counts_tokens_not_cache_slots(
     assert min(len(t) for t in recorder.traces[-1].tokens[0]) > 3 * 6
 
 
+@pytest.mark.parametrize("margin", [0, 2])
+@pytest.mark.parametrize(("architecture", "layer_type", "overrides"), LOCAL_ATTENTION_CASES)
+def test_local_attention_layers_drop_the_keys_out_of_reach(
+    toy_tokenizers, monkeypatch, architecture: str, layer_type: str, overrides: dict, margin: int
+) -> None:
+    """With a rollback margin of a few tokens and trims of one slot, the local-attention layers hold about
+    a window of slots, and every step's logits are still those of a fresh pass."""
+    monkeypatch.setattr(unite_ext.decode, "_LOCAL_ROLLBACK_MARGIN", margin)
+    monkeypatch.setattr(unite_ext.decode, "_LOCAL_TRIM_SLOTS", 1)
+    held: list[tuple[int, int, int]] = []  # per forward pass: cache slots, local layers' and other layers'
+    forward = unite_ext.decode._ModelBatch.forward
+
+    def spy_forward(run: unite_ext.decode._ModelBatch, feeds: list[list[int]]) -> torch.Tensor:
+        logits = forward(run, feeds)
+        types = run.member.local_attention.layer_types
+        lengths = {t: layer.keys.shape[-2] for layer, t in zip(run.cache.layers, types, strict=True)}
+        held.append((run.length, lengths[layer_type], lengths.get("full_attention", run.length)))
+        return logits
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "forward", spy_forward)
+    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
+    models = [
+        tiny_model_for_tokenizer(architecture, tokenizer, seed=30 + n, **overrides)
+        for n, tokenizer in enumerate(toks)
+    ]
+    recorder = Recorder(keep_logits=True)
+    Ensemble(models, toks, k=4, sync="exact").generate(
+        PROMPTS, max_new_tokens=24, batch_size=4, on_step=recorder, progress=False
+    )
+    steps_with_slots_between_tokens(recorder, models, "cpu")
+    assert all(full == slots for slots, _, full in held)  # full-attention layers keep every slot
+    # A window of 6 tokens plus the margin and the fed tokens, and the padding between them.
+    assert min(slots - local for slots, local, _ in held[-8:]) > 8
+
+
+@pytest.mark.parametrize(("architecture", "layer_type", "overrides"), LOCAL_ATTENTION_CASES[::2])
+def test_a_rollback_past_the_kept_keys_reads_the_row_again(
+    toy_tokenizers, monkeypatch, architecture: str, layer_type: str, overrides: dict
+) -> None:
+    """A row rolled back further than its local-attention layers' kept keys reach reads all its tokens
+    again; its logits, and the other row's, are those of a fresh pass."""
+    monkeypatch.setattr(unite_ext.decode, "_LOCAL_ROLLBACK_MARGIN", 0)
+    monkeypatch.setattr(unite_ext.decode, "_LOCAL_TRIM_SLOTS", 1)
+    tokenizer = toy_tokenizers["toy_byte"]
+    model = tiny_model_for_tokenizer(architecture, tokenizer, seed=33, **overrides)
+    generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    prompts = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (5, 9)]
+    run = unite_ext.decode._ModelBatch(unite_ext.decode._Member(0, model, tokenizer), prompts, None)
+
+    def step(feeds: list[list[int]]) -> None:
+        for continuation, feed in zip(run.continuations, feeds, strict=True):
+            continuation.tokens.extend(feed)
+        with torch.no_grad():
+            logits = run.forward(feeds)
+            for b, continuation in enumerate(run.continuations):
+                fresh = model(torch.tensor([prompts[b] + continuation.tokens])).logits[0, -1]
+                torch.testing.assert_close(logits[b], fresh, atol=2e-4, rtol=1e-4)
+
+    with torch.no_grad():
+        run.forward(prompts)
+    for _ in range(12):
+        step(torch.randint(3, 200, (2, 1), generator=generator).tolist())
+    assert run.local_starts[layer_type] > 0
+    del run.continuations[0].tokens[-8:]
+    run.roll_back(0, 8)
+    run.crop()
+    assert run.rereads == {0}
+    step([[17], [18, 19]])
+    assert not run.rereads and run.slots[0][0] > run.local_starts[layer_type]
+    for _ in range(3):
+        step(torch.randint(3, 200, (2, 1), generator=generator).tolist())
+
+
 def test_slot_distance_models_decode_one_row_at_a_time(toy_tokenizers) -> None:
     """MPT's ALiBi grows with the distance in cache slots: batches of rows are refused, and one row at a
     time gives the logits of a fresh pass (a batch of one row never masks a slot between its tokens)."""

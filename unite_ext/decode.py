@@ -7,7 +7,8 @@ per row, and cropped once no row keeps them. Finished rows leave the batch.
 
 Masked slots sit between a row's tokens, so cache slots are not token positions. Local attention laid over
 cache slots (Hugging Face's "sdpa" and "eager" masks for sliding-window and chunked layers) would then see
-fewer tokens than it should; models with such layers get 4-D masks built from the tokens' positions.
+fewer tokens than it should; models with such layers get 4-D masks built from the tokens' positions, and
+those layers drop the leading slots no row's next query can reach.
 """
 
 from __future__ import annotations
@@ -237,6 +238,11 @@ _SLOT_MASKED_ATTENTION = ("sdpa", "eager")
 # Layers that attend to nearby tokens only: a window of the last `sliding_window` tokens, or the
 # `attention_chunk_size` tokens of the chunk of positions the query is in (Llama 4).
 _LOCAL_LAYER_SIZES = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
+# Local-attention layers drop the leading cache slots that no row's next query will attend, even after a
+# rollback of up to _LOCAL_ROLLBACK_MARGIN tokens (nearly every rollback takes back one or two; a deeper
+# one makes the row read its tokens again), once at least _LOCAL_TRIM_SLOTS slots can go.
+_LOCAL_ROLLBACK_MARGIN = 64
+_LOCAL_TRIM_SLOTS = 64
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,15 @@ class _LocalAttention:
     """A model's local-attention layers, for the 4-D masks `_ModelBatch.forward` builds by token position."""
 
     sizes: dict[str, int | None]  # each layer type of the model -> its window or chunk size (None: full)
+    layer_types: tuple[str, ...]  # the type of each layer, in order
     additive: torch.dtype | None  # eager attention adds its mask (floats of this dtype); sdpa takes booleans
+
+    def reach(self, kind: str, query: int) -> int:
+        """The earliest position that a query at position `query` attends in `kind`'s local layers."""
+        size = self.sizes[kind]
+        if size is None:
+            raise ValueError(f"{kind} layers attend every earlier position")
+        return query - size + 1 if kind == "sliding_attention" else query // size * size
 
 
 def _local_attention(name: str, config: Any, dtype: torch.dtype) -> _LocalAttention | None:
@@ -252,7 +266,7 @@ def _local_attention(name: str, config: Any, dtype: torch.dtype) -> _LocalAttent
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:  # models without layer types slide a window in every layer if they have one
         uses_window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-        layer_types = ["sliding_attention"] if uses_window else []
+        layer_types = ["sliding_attention"] * config.num_hidden_layers if uses_window else []
     kinds = set(layer_types)
     local = kinds & set(_LOCAL_LAYER_SIZES)
     if not local:
@@ -275,27 +289,32 @@ def _local_attention(name: str, config: Any, dtype: torch.dtype) -> _LocalAttent
     sizes = {kind: int(getattr(config, _LOCAL_LAYER_SIZES[kind])) for kind in local}
     return _LocalAttention(
         {kind: sizes.get(kind) for kind in sorted(kinds)},
+        tuple(layer_types),
         additive=dtype if implementation == "eager" else None,
     )
 
 
-def _position_masks(keys: Tensor, queries: Tensor, local: _LocalAttention) -> Tensor | dict[str, Tensor]:
+def _position_masks(
+    keys: Tensor, queries: Tensor, local: _LocalAttention, starts: dict[str, int]
+) -> Tensor | dict[str, Tensor]:
     """4-D masks [B, 1, chunk, slots] that attend by token position, not by cache slot: one per layer type,
     or a single one for a model whose layers are all of one type.
 
     `keys[b, s]` is the position of the token in slot `s` of row `b` (-1: not attended); `queries[b, c]`
     that of the chunk's token `c` (a padding query takes the position of the row's first fed token, so
-    it attends to at least that token). As in Hugging Face's masks, a sliding window keeps keys less than
+    it attends to at least that token). A layer type's mask covers the slots from its `starts` entry on
+    (default 0), those its layers keep. As in Hugging Face's masks, a sliding window keeps keys less than
     its size behind, and a chunked layer keeps the keys in the query's chunk of positions.
     """
-    keys, queries = keys[:, None, None, :], queries[:, None, :, None]
-    causal = (keys >= 0) & (keys <= queries)
+    queries = queries[:, None, :, None]
     masks: dict[str, Tensor] = {}
     for kind, size in local.sizes.items():
+        kept = keys[:, None, None, starts.get(kind, 0) :]
+        causal = (kept >= 0) & (kept <= queries)
         if kind == "sliding_attention":
-            masks[kind] = causal & (keys > queries - size)
+            masks[kind] = causal & (kept > queries - size)
         elif kind == "chunked_attention":
-            masks[kind] = causal & (keys // size == queries // size)
+            masks[kind] = causal & (kept // size == queries // size)
         else:
             masks[kind] = causal
     if local.additive is not None:
@@ -437,6 +456,11 @@ class _ModelBatch:
         # kept token again.
         self.snapshot: tuple[int, CacheCopy | None] = (0, None)
         self.rolled_back = False  # a recurrent model's cache holds tokens its row no longer keeps
+        # The first cache slot that each type of local-attention layer keeps (see _trim_local_layers), and
+        # the rows whose next query needs a key those layers dropped, which read their tokens again.
+        local = member.local_attention
+        self.local_starts = {k: 0 for k, size in local.sizes.items() if size is not None} if local else {}
+        self.rereads: set[int] = set()
         self.key_positions = torch.full((len(prompts), max(len(p) for p in prompts)), -1, dtype=torch.long)
         self.length = 0
         self.prompts = prompts
@@ -450,6 +474,8 @@ class _ModelBatch:
         """
         if self.rolled_back:
             feeds = self._restore()
+        if self.rereads:
+            feeds = self._reread(feeds)
         if self.member.recurrent:
             self.snapshot = (0, None)  # the old copy goes before a new one is made
             if self.cache is not None and self.member.copies_pay():
@@ -487,7 +513,7 @@ class _ModelBatch:
             "attention_mask": (
                 (keys >= 0).long()
                 if local is None
-                else _position_masks(keys, inputs[batch : 2 * batch], local)
+                else _position_masks(keys, inputs[batch : 2 * batch], local, self.local_starts)
             ),
             self.member.cache_argument: self.cache,
             "use_cache": True,
@@ -499,6 +525,8 @@ class _ModelBatch:
             self.cache = getattr(output, self.member.cache_argument, None)
             if self.cache is None:
                 raise RuntimeError(f"{self.member.name} built no cache of its own when given none")
+        if self.local_starts:
+            self._trim_local_layers()
         return output.logits[:, -1, :]
 
     def exceeds_context(self, row: int, feed: list[int]) -> bool:
@@ -512,6 +540,44 @@ class _ModelBatch:
         del self.slots[row][-count:]
         self.key_positions[row, dropped] = -1
         self.rolled_back = self.rolled_back or self.member.recurrent
+        query = len(self.slots[row])
+        if any(self._first_slot(row, kind, query) < start for kind, start in self.local_starts.items()):
+            self.rereads.add(row)
+
+    def _first_slot(self, row: int, kind: str, query: int) -> int:
+        """The cache slot of the earliest token of `row` that a query at position `query` attends in
+        `kind`'s local-attention layers."""
+        slots = self.slots[row]
+        reach = self.member.local_attention.reach(kind, query)
+        return slots[min(max(reach, 0), len(slots) - 1)]
+
+    def _trim_local_layers(self) -> None:
+        """Drop the leading cache slots of the local-attention layers that no row's next query attends,
+        even after a rollback of up to _LOCAL_ROLLBACK_MARGIN tokens. Their attention then spans about a
+        window, not the whole text, and their keys and values take memory for that span only."""
+        local = self.member.local_attention
+        for kind, start in self.local_starts.items():
+            first = min(
+                self._first_slot(row, kind, len(slots) - _LOCAL_ROLLBACK_MARGIN)
+                for row, slots in enumerate(self.slots)
+            )
+            if first - start < _LOCAL_TRIM_SLOTS:
+                continue
+            for layer, layer_type in zip(self.cache.layers, local.layer_types, strict=False):
+                if layer_type == kind and getattr(layer, "keys", None) is not None:
+                    layer.keys = layer.keys[..., first - start :, :]
+                    layer.values = layer.values[..., first - start :, :]
+            self.local_starts[kind] = first
+
+    def _reread(self, feeds: list[list[int]]) -> list[list[int]]:
+        """The feeds with the rows in `rereads` reading all their tokens again, in new slots."""
+        feeds = list(feeds)
+        for row in self.rereads:
+            self.key_positions[row, self.slots[row]] = -1
+            self.slots[row] = []
+            feeds[row] = self.prompts[row] + self.continuations[row].tokens
+        self.rereads.clear()
+        return feeds
 
     def _restore(self) -> list[list[int]]:
         """Put a recurrent model's cache (one row) back before its rolled-back tokens; returns the feed."""
@@ -527,7 +593,8 @@ class _ModelBatch:
         """Remove the trailing cache slots that no row keeps."""
         if self.member.recurrent:  # its cache cannot be cut: it is restored instead (see forward)
             return
-        used = max(slots[-1] + 1 for slots in self.slots)
+        # Local-attention layers hold no slot before their start, so the cache keeps every slot up to it.
+        used = max([slots[-1] + 1 for slots in self.slots] + list(self.local_starts.values()))
         if used < self.length:
             self.cache.crop(used - self.length)
             self.length = used
@@ -539,6 +606,7 @@ class _ModelBatch:
         self.prompts = [self.prompts[b] for b in rows]
         self.continuations = [self.continuations[b] for b in rows]
         self.slots = [self.slots[b] for b in rows]
+        self.rereads = {new for new, old in enumerate(rows) if old in self.rereads}
         self.crop()
 
 
