@@ -160,13 +160,68 @@ def test_mmlu_means_over_questions_and_over_subjects():
     assert metrics["accuracy"] != pytest.approx(sum(running) / len(running))
 
 
+def test_category_accuracies_are_averaged_as_each_release_does():
+    # MMLU's script pools a category's questions: STEM holds algebra 3/4 and astronomy 0/1, so 3/5.
+    mmlu = {"abstract_algebra": [1, 1, 1, 0], "astronomy": [0], "philosophy": [1], "my_subject": [0]}
+    records = [{"subject": s, "correct": bool(c)} for s, cs in mmlu.items() for c in cs]
+    metrics = get_task("mmlu").summarize(records)
+    categories = {name: value for name, value in metrics.items() if name.startswith("accuracy/")}
+    # Categories without an evaluated subject are left out; a subject outside the release counts in none.
+    assert categories == {"accuracy/STEM": pytest.approx(3 / 5), "accuracy/Humanities": pytest.approx(1.0)}
+    # CMMLU's averages its subjects' accuracies: STEM holds anatomy 3/4 and astronomy 0/1, so 3/8.
+    # Ancient Chinese counts in both Social Science and China specific.
+    cmmlu = {"anatomy": [1, 1, 1, 0], "astronomy": [0], "ancient_chinese": [1, 0], "agronomy": [1]}
+    records = [{"subject": s, "correct": bool(c)} for s, cs in cmmlu.items() for c in cs]
+    metrics = get_task("cmmlu").summarize(records)
+    assert {name: value for name, value in metrics.items() if name.startswith("accuracy/")} == {
+        "accuracy/STEM": pytest.approx(3 / 8),
+        "accuracy/Social Science": pytest.approx(1 / 2),
+        "accuracy/Other": pytest.approx(1.0),
+        "accuracy/China specific": pytest.approx(1 / 2),
+    }
+
+
+def test_the_category_table_lists_category_metrics_only():
+    from unite_ext.tasks.evaluation import EvalResult, format_categories
+
+    metrics = {"accuracy": 0.5, "subject_accuracy": 0.4, "accuracy/STEM": 0.6, "accuracy/Other": 0.25}
+    assert format_categories(EvalResult("mmlu", [], metrics, 0, 0.0)).splitlines() == [
+        "mmlu category  accuracy",
+        "-------------  --------",
+        "STEM           60.00%",
+        "Other          25.00%",
+    ]
+    assert format_categories(EvalResult("piqa", [], {"accuracy": 0.5}, 0, 0.0)) == ""
+
+
+def test_category_tables_cover_each_release():
+    from unite_ext.tasks import cmmlu_subjects, mmlu_subjects
+
+    # MMLU: 57 subjects, each in one of four categories (sizes counted by hand in the release's table).
+    mmlu = mmlu_subjects.CATEGORIES
+    assert {name: len(subjects) for name, subjects in mmlu.items()} == {
+        "STEM": 18,
+        "Humanities": 13,
+        "Social Sciences": 12,
+        "Other": 14,
+    }
+    assert len({s for subjects in mmlu.values() for s in subjects}) == 57
+    assert "anatomy" in mmlu["Other"] and "computer_security" in mmlu["STEM"]
+    # CMMLU: its 67 subjects, each in one of four categories; 15 of them also "China specific".
+    cmmlu = cmmlu_subjects.CATEGORIES
+    main = [s for name in ("STEM", "Humanities", "Social Science", "Other") for s in cmmlu[name]]
+    assert sorted(main) == sorted(cmmlu_subjects.SUBJECT_NAMES)
+    assert set(cmmlu["China specific"]) < set(main) and len(cmmlu["China specific"]) == 15
+    assert "anatomy" in cmmlu["STEM"] and "computer_security" in cmmlu["Other"]
+
+
 def test_cmmlu_summary_has_both_means():
     records = [
         {"subject": "a", "correct": True},
         {"subject": "b", "correct": False},
         {"subject": "b", "correct": False},
     ]
-    metrics = get_task("cmmlu").summarize(records)
+    metrics = get_task("cmmlu").summarize(records)  # subjects outside the release: no category
     assert metrics == {"accuracy": pytest.approx(1 / 3), "subject_accuracy": pytest.approx(0.5)}
 
 

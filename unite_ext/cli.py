@@ -150,7 +150,13 @@ def load_examples(args: argparse.Namespace) -> tuple[Any, list[Any]]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from unite_ext.tasks.evaluation import ensemble_generator, evaluate, format_summary, lazy_generator
+    from unite_ext.tasks.evaluation import (
+        ensemble_generator,
+        evaluate,
+        format_categories,
+        format_summary,
+        lazy_generator,
+    )
 
     specs = model_specs(
         args.model, args.weights, dtype=args.dtype, device_map=args.device_map, chat=args.chat
@@ -179,6 +185,9 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(format_summary([result]))
+    categories = format_categories(result)
+    if categories:
+        print(f"\n{categories}")
     return 0
 
 

@@ -36,8 +36,8 @@ Scoring: GSM8K compares the predicted number (the first number after "The answer
 number of the response) with the gold number numerically; multiple choice takes the first option letter
 standing alone in the response; open QA is right when the normalised prediction equals a normalised
 alias or contains one as whole words, and an empty prediction is wrong; MMLU/CMMLU report the mean over
-questions (``accuracy``) and the mean over subjects (``subject_accuracy``). ``docs/tasks.md`` shows the
-prompts.
+questions (``accuracy``), the mean over subjects (``subject_accuracy``) and each category's accuracy
+(``accuracy/<category>``, grouped and averaged as each release does). ``docs/tasks.md`` shows the prompts.
 """
 
 from __future__ import annotations

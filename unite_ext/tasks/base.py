@@ -84,6 +84,10 @@ class Task(ABC):
         return {"accuracy": mean_correct(records)}
 
 
+# Metrics named with this prefix are category accuracies ("accuracy/STEM"), from tasks with categories.
+CATEGORY_METRIC = "accuracy/"
+
+
 def mean_correct(records: Sequence[dict[str, Any]]) -> float:
     """Fraction of ``records`` whose ``"correct"`` is true; 0.0 for no records."""
     if not records:

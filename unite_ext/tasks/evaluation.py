@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from unite_ext.tasks.base import Example, Task
+from unite_ext.tasks.base import CATEGORY_METRIC, Example, Task
 
 
 class GenerationLike(Protocol):
@@ -87,7 +87,8 @@ class EvalResult:
         task: the task name.
         records: one dict per evaluated example, in example order (those read back from the output
             file included).
-        metrics: the task's summary (``accuracy``; MMLU/CMMLU add ``subject_accuracy``).
+        metrics: the task's summary (``accuracy``; MMLU/CMMLU add ``subject_accuracy`` and
+            ``accuracy/<category>``).
         tokens: decoding steps over all records.
         seconds: generation time over all records.
     """
@@ -276,3 +277,13 @@ def format_summary(results: Sequence[EvalResult]) -> str:
         for r in results
     ]
     return format_table(header, rows)
+
+
+def format_categories(result: EvalResult) -> str:
+    """The accuracy of each category of a task with categories (MMLU, CMMLU), as a table; "" without."""
+    rows = [
+        [name.removeprefix(CATEGORY_METRIC), f"{100 * value:.2f}%"]
+        for name, value in result.metrics.items()
+        if name.startswith(CATEGORY_METRIC)
+    ]
+    return format_table([f"{result.task} category", "accuracy"], rows) if rows else ""

@@ -7,9 +7,11 @@ from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from unite_ext.tasks import cmmlu_subjects, mmlu_subjects
 from unite_ext.tasks.base import (
+    CATEGORY_METRIC,
     RECORD_SUFFIXES,
     Example,
     Score,
@@ -22,7 +24,6 @@ from unite_ext.tasks.base import (
     read_records,
     require,
 )
-from unite_ext.tasks.cmmlu_subjects import SUBJECT_NAMES
 
 OPTIONS = ("A", "B", "C", "D")
 
@@ -64,6 +65,9 @@ class SubjectChoiceTask(Task):
     answer_separator = " "  # between the prompt's answer cue and the letter of a solved example
     reads_files = False  # whether parse_record reads a file of records as --data
     reads_subject_folders = False  # whether parse_subject_record reads a folder of subject folders
+    categories: dict[str, tuple[str, ...]] = {}  # category -> its subjects, as the release groups them
+    # How the release's script averages a category: over its questions, or over its subjects' accuracies.
+    category_mean: Literal["questions", "subjects"] = "questions"
 
     def subject_of(self, path: Path) -> str:
         """The subject a CSV file holds, from its name."""
@@ -215,10 +219,21 @@ class SubjectChoiceTask(Task):
 
     def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         """``accuracy``: the mean over questions; ``subject_accuracy``: the mean over subjects of each
-        subject's accuracy (every subject counts once, whatever its size)."""
+        subject's accuracy (every subject counts once, whatever its size); ``accuracy/<category>``: the
+        accuracy of each category with evaluated subjects, averaged as ``category_mean`` says."""
         per_subject = subject_accuracies(records)
         subject_mean = sum(per_subject.values()) / len(per_subject) if per_subject else 0.0
-        return {"accuracy": mean_correct(records), "subject_accuracy": subject_mean}
+        metrics = {"accuracy": mean_correct(records), "subject_accuracy": subject_mean}
+        for category, subjects in self.categories.items():
+            evaluated = [subject for subject in subjects if subject in per_subject]
+            if not evaluated:
+                continue
+            metrics[CATEGORY_METRIC + category] = (
+                sum(per_subject[subject] for subject in evaluated) / len(evaluated)
+                if self.category_mean == "subjects"
+                else mean_correct([r for r in records if r["subject"] in evaluated])
+            )
+        return metrics
 
 
 class Mmlu(SubjectChoiceTask):
@@ -229,6 +244,7 @@ class Mmlu(SubjectChoiceTask):
 
     name = "mmlu"
     reads_files = True
+    categories = mmlu_subjects.CATEGORIES
 
     def parse_record(self, record: dict[str, Any], where: str) -> tuple[str, Row]:
         choices = require(record, "choices", where)
@@ -263,6 +279,8 @@ class Cmmlu(SubjectChoiceTask):
     answer_separator = ""
     columns = ("Question", "A", "B", "C", "D", "Answer")
     reads_subject_folders = True
+    categories = cmmlu_subjects.CATEGORIES
+    category_mean = "subjects"
 
     def parse_subject_record(self, record: dict[str, Any], where: str) -> Row:
         question, *texts, answer = (require(record, column, where) for column in self.columns)
@@ -280,7 +298,7 @@ class Cmmlu(SubjectChoiceTask):
 
     def header(self, subject: str) -> str:
         # The release's Chinese subject name; a subject outside the release is named by its folder.
-        name = SUBJECT_NAMES.get(subject, subject.replace("_", " "))
+        name = cmmlu_subjects.SUBJECT_NAMES.get(subject, subject.replace("_", " "))
         return f"以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n"
 
     def block(self, question: str, texts: Sequence[str]) -> str:
