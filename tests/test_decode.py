@@ -285,10 +285,11 @@ def test_local_attention_counts_tokens_not_cache_slots(
     assert min(len(t) for t in recorder.traces[-1].tokens[0]) > 3 * 6
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("margin", [0, 2])
 @pytest.mark.parametrize(("architecture", "layer_type", "overrides"), LOCAL_ATTENTION_CASES)
 def test_local_attention_layers_drop_the_keys_out_of_reach(
-    toy_tokenizers, monkeypatch, architecture: str, layer_type: str, overrides: dict, margin: int
+    toy_tokenizers, monkeypatch, architecture: str, layer_type: str, overrides: dict, margin: int, device: str
 ) -> None:
     """With a rollback margin of a few tokens and trims of one slot, the local-attention layers hold about
     a window of slots, and every step's logits are still those of a fresh pass."""
@@ -307,14 +308,14 @@ def test_local_attention_layers_drop_the_keys_out_of_reach(
     monkeypatch.setattr(unite_ext.decode._ModelBatch, "forward", spy_forward)
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
     models = [
-        tiny_model_for_tokenizer(architecture, tokenizer, seed=30 + n, **overrides)
+        tiny_model_for_tokenizer(architecture, tokenizer, seed=30 + n, **overrides).to(device)
         for n, tokenizer in enumerate(toks)
     ]
     recorder = Recorder(keep_logits=True)
     Ensemble(models, toks, k=4, sync="exact").generate(
         PROMPTS, max_new_tokens=24, batch_size=4, on_step=recorder, progress=False
     )
-    steps_with_slots_between_tokens(recorder, models, "cpu")
+    steps_with_slots_between_tokens(recorder, models, device)
     assert all(full == slots for slots, _, full in held)  # full-attention layers keep every slot
     # A window of 6 tokens plus the margin and the fed tokens, and the padding between them.
     assert min(slots - local for slots, local, _ in held[-8:]) > 8
