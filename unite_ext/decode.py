@@ -529,6 +529,10 @@ class _ModelBatch:
             self._trim_local_layers()
         return output.logits[:, -1, :]
 
+    def tokens(self, row: int) -> list[int]:
+        """Every token `row` keeps: its prompt, then its continuation."""
+        return self.prompts[row] + self.continuations[row].tokens
+
     def exceeds_context(self, row: int, feed: list[int]) -> bool:
         """Whether feeding `feed` to `row` would take it past the model's context length."""
         limit = self.member.context_limit
@@ -575,7 +579,7 @@ class _ModelBatch:
         for row in self.rereads:
             self.key_positions[row, self.slots[row]] = -1
             self.slots[row] = []
-            feeds[row] = self.prompts[row] + self.continuations[row].tokens
+            feeds[row] = self.tokens(row)
         self.rereads.clear()
         return feeds
 
@@ -587,7 +591,7 @@ class _ModelBatch:
         self.length, self.rolled_back = start, False
         self.slots = [list(range(start))]
         self.key_positions[:, start:] = -1
-        return [(self.prompts[0] + self.continuations[0].tokens)[start:]]  # the feed is the tokens' tail
+        return [self.tokens(0)[start:]]  # the feed is the tokens' tail
 
     def crop(self) -> None:
         """Remove the trailing cache slots that no row keeps."""
@@ -1055,9 +1059,7 @@ class Ensemble:
             step=step,
             rows=[row.index for row in rows],
             generated=[bytes(row.generated) for row in rows],
-            tokens=[
-                [p + c.tokens for p, c in zip(run.prompts, run.continuations, strict=True)] for run in runs
-            ],
+            tokens=[[run.tokens(b) for b in range(len(rows))] for run in runs],
             prompt_lengths=[[len(p) for p in run.prompts] for run in runs],
             logits=logits,
         )

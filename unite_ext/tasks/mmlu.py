@@ -225,7 +225,7 @@ class SubjectChoiceTask(Task):
         subject_mean = sum(per_subject.values()) / len(per_subject) if per_subject else 0.0
         metrics = {"accuracy": mean_correct(records), "subject_accuracy": subject_mean}
         for category, subjects in self.categories.items():
-            evaluated = [subject for subject in subjects if subject in per_subject]
+            evaluated = {subject for subject in subjects if subject in per_subject}
             if not evaluated:
                 continue
             metrics[CATEGORY_METRIC + category] = (
