@@ -4,7 +4,8 @@ Each case builds two tiny random models of one architecture from its config (one
 decodes four prompts of different lengths in one batch, and checks every row's logits at every step
 against a fresh pass over the row's tokens. Local-attention models get windows (or chunks) of 6 tokens, so
 that masked cache slots fall inside them, and their layers drop every key out of reach as soon as they can
-(no rollback margin). Architectures that the installed transformers lacks are skipped.
+(no rollback margin). The prompts are read two positions at a time (passes of 8 tokens), so the shorter
+rows feed nothing in the first passes. Architectures that the installed transformers lacks are skipped.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, monkeypatch, m
     models = [
         tiny_auto_model(model_type, t, seed=50 + n, **ARCHITECTURES[model_type]) for n, t in enumerate(toks)
     ]
-    ensemble = Ensemble(models, toks, k=4, sync="exact")
+    ensemble = Ensemble(models, toks, k=4, sync="exact", max_pass_tokens=8)
     recorder = Recorder(keep_logits=True)
     # Sampled, so that rows pick different tokens even where tiny random models would repeat one.
     ensemble.generate(

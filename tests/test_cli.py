@@ -175,15 +175,22 @@ def test_generate_streams_the_greedy_text(checkpoints, capsys):
     assert streamed == hf_greedy_text(checkpoints["byte"], prompt, 12, []) + "\n"
 
 
-def test_generate_ensemble_with_messages(checkpoints, tmp_path, capsys):
-    from unite_ext.decode import Ensemble
+def test_generate_ensemble_with_messages(checkpoints, tmp_path, capsys, monkeypatch):
+    from unite_ext.decode import Ensemble, _ModelBatch
 
     messages = [{"role": "user", "content": "Name a number."}]
     path = tmp_path / "messages.json"
     path.write_text(json.dumps(messages))
     folders = [str(checkpoints["byte"]), str(checkpoints["sp"])]
+    widths = []  # of every forward pass, read 3 positions at a time
+    read = _ModelBatch._pass
+    monkeypatch.setattr(
+        _ModelBatch, "_pass", lambda run, feeds: widths.append(max(map(len, feeds))) or read(run, feeds)
+    )
     assert main(["generate", "--model", folders[0], "--model", folders[1], "--messages", str(path),
-                 "--max-new-tokens", "10", "--stop", "\n"]) == 0  # fmt: skip
+                 "--max-new-tokens", "10", "--stop", "\n", "--max-pass-tokens", "3"]) == 0  # fmt: skip
+    assert max(widths) == 3
+    monkeypatch.undo()
     streamed = capsys.readouterr().out
     reference = Ensemble.from_pretrained(folders).generate(
         messages=[messages], max_new_tokens=10, stop=["\n"]
@@ -260,6 +267,8 @@ def test_bad_arguments_are_reported(checkpoints, piqa_file, tmp_path, capsys):
     assert "--weights gives 2 numbers for 1 models" in capsys.readouterr().err
     assert main([*base, "--model", model, "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err
+    assert main(["generate", "--model", model, "--prompt", "Hi", "--max-pass-tokens", "0"]) == 2
+    assert "max_pass_tokens must be an integer >= 1, got 0" in capsys.readouterr().err
     assert (
         main(
             [

@@ -13,6 +13,7 @@ import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -265,6 +266,24 @@ LOCAL_ATTENTION_CASES = [
 ]
 
 
+def decode_pair(
+    toy_tokenizers, architecture: str, overrides: dict, device: str, seed: int, **ensemble_kwargs: Any
+) -> tuple[list[PreTrainedModel], Recorder, int]:
+    """Decodes PROMPTS in one batch (exact sync, k=4, 24 new tokens) with two tiny `architecture` models, one
+    per toy tokenizer, and checks every step's logits against a fresh pass; returns the models, the
+    recorder and the count of steps with masked slots between a row's tokens."""
+    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
+    models = [
+        tiny_model_for_tokenizer(architecture, tokenizer, seed=seed + n, **overrides).to(device)
+        for n, tokenizer in enumerate(toks)
+    ]
+    recorder = Recorder(keep_logits=True)
+    Ensemble(models, toks, k=4, sync="exact", **ensemble_kwargs).generate(
+        PROMPTS, max_new_tokens=24, batch_size=4, on_step=recorder, progress=False
+    )
+    return models, recorder, steps_with_slots_between_tokens(recorder, models, device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("architecture", "layer_type", "overrides"), LOCAL_ATTENTION_CASES)
 def test_local_attention_counts_tokens_not_cache_slots(
@@ -272,16 +291,9 @@ def test_local_attention_counts_tokens_not_cache_slots(
 ) -> None:
     """Padding and rolled-back slots sit between a batch row's tokens; a window of 6 tokens must still
     hold the row's last 6 tokens, and a chunk its 6 positions, as in a fresh pass over the tokens."""
-    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
-    models = [
-        tiny_model_for_tokenizer(architecture, tokenizer, seed=30 + n, **overrides).to(device)
-        for n, tokenizer in enumerate(toks)
-    ]
+    models, recorder, uneven = decode_pair(toy_tokenizers, architecture, overrides, device, seed=30)
     assert layer_type in (getattr(models[0].config, "layer_types", None) or ["sliding_attention"])
-    ensemble = Ensemble(models, toks, k=4, sync="exact")
-    recorder = Recorder(keep_logits=True)
-    ensemble.generate(PROMPTS, max_new_tokens=24, batch_size=4, on_step=recorder, progress=False)
-    assert steps_with_slots_between_tokens(recorder, models, device) > 0
+    assert uneven > 0
     assert min(len(t) for t in recorder.traces[-1].tokens[0]) > 3 * 6
 
 
@@ -306,16 +318,7 @@ def test_local_attention_layers_drop_the_keys_out_of_reach(
         return logits
 
     monkeypatch.setattr(unite_ext.decode._ModelBatch, "forward", spy_forward)
-    toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
-    models = [
-        tiny_model_for_tokenizer(architecture, tokenizer, seed=30 + n, **overrides).to(device)
-        for n, tokenizer in enumerate(toks)
-    ]
-    recorder = Recorder(keep_logits=True)
-    Ensemble(models, toks, k=4, sync="exact").generate(
-        PROMPTS, max_new_tokens=24, batch_size=4, on_step=recorder, progress=False
-    )
-    steps_with_slots_between_tokens(recorder, models, device)
+    decode_pair(toy_tokenizers, architecture, overrides, device, seed=30)
     assert all(full == slots for slots, _, full in held)  # full-attention layers keep every slot
     # A window of 6 tokens plus the margin and the fed tokens, and the padding between them.
     assert min(slots - local for slots, local, _ in held[-8:]) > 8
@@ -333,7 +336,7 @@ def test_a_rollback_past_the_kept_keys_reads_the_row_again(
     model = tiny_model_for_tokenizer(architecture, tokenizer, seed=33, **overrides)
     generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     prompts = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (5, 9)]
-    run = unite_ext.decode._ModelBatch(unite_ext.decode._Member(0, model, tokenizer), prompts, None)
+    run = unite_ext.decode._ModelBatch(unite_ext.decode._Member(0, model, tokenizer), prompts, None, 8)
 
     def step(feeds: list[list[int]]) -> None:
         for continuation, feed in zip(run.continuations, feeds, strict=True):
@@ -357,6 +360,56 @@ def test_a_rollback_past_the_kept_keys_reads_the_row_again(
     assert not run.rereads and run.slots[0][0] > run.local_starts[layer_type]
     for _ in range(3):
         step(torch.randint(3, 200, (2, 1), generator=generator).tolist())
+
+
+# A full-attention model (2-D masks) and local-attention ones (4-D masks by position, keys dropped as the
+# passes go); recurrent models are read in passes in test_recurrent_models_decode_one_row_at_a_time.
+PASS_CASES = [
+    ("llama", {}),
+    *[(architecture, overrides) for architecture, _, overrides in LOCAL_ATTENTION_CASES[:3]],
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_pass_tokens", [1, 10])
+@pytest.mark.parametrize(("architecture", "overrides"), PASS_CASES)
+def test_long_feeds_are_read_in_passes_of_at_most_max_pass_tokens(
+    toy_tokenizers, monkeypatch, architecture: str, overrides: dict, max_pass_tokens: int, device: str
+) -> None:
+    """Prompts longer than a pass holds are read in several passes over consecutive columns (one column
+    of the 4 rows per pass for a budget of 1 token, 2 for 10), in which the shorter rows feed nothing at
+    first; local-attention layers drop the keys out of reach between those passes. Every step's logits are
+    still those of a fresh pass over the row's tokens."""
+    monkeypatch.setattr(unite_ext.decode, "_LOCAL_ROLLBACK_MARGIN", 0)
+    monkeypatch.setattr(unite_ext.decode, "_LOCAL_TRIM_SLOTS", 1)
+    passes: dict[int, list[list[list[int]]]] = defaultdict(list)  # model -> each pass's feeds
+    kept: dict[int, list[tuple[int, int]]] = defaultdict(list)  # model -> (fewest slots a layer holds, slots)
+    read = unite_ext.decode._ModelBatch._pass
+
+    def spy_pass(run: unite_ext.decode._ModelBatch, feeds: list[list[int]]) -> torch.Tensor:
+        passes[run.member.index].append(feeds)
+        logits = read(run, feeds)
+        kept[run.member.index].append((min(layer.keys.shape[-2] for layer in run.cache.layers), run.length))
+        return logits
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "_pass", spy_pass)
+    models, recorder, _ = decode_pair(
+        toy_tokenizers, architecture, overrides, device, seed=70, max_pass_tokens=max_pass_tokens
+    )
+    columns = max(1, max_pass_tokens // len(PROMPTS))
+    first = recorder.traces[0]
+    for i in range(len(models)):
+        assert all(max(len(feed) for feed in feeds) <= columns for feeds in passes[i])
+        prompts = [
+            tokens[:length] for tokens, length in zip(first.tokens[i], first.prompt_lengths[i], strict=True)
+        ]
+        reads = -(-max(len(p) for p in prompts) // columns)  # the passes over the prompts
+        assert reads > 1
+        for b, prompt in enumerate(prompts):
+            assert [token for feeds in passes[i][:reads] for token in feeds[b]] == prompt
+        assert any(not feeds[b] for feeds in passes[i][:reads] for b in range(len(prompts)))
+        trimmed = any(fewest < slots for fewest, slots in kept[i][: reads - 1])
+        assert trimmed == (architecture != "llama")
 
 
 def test_slot_distance_models_decode_one_row_at_a_time(toy_tokenizers) -> None:
@@ -465,7 +518,8 @@ def test_recurrent_models_decode_one_row_at_a_time(
     rollback (here, in exact mode, at every other step) goes back to its cache as it was before its last
     forward pass (when rollbacks are frequent enough to pay for copies; `copies=False` raises the bar out
     of reach), or reads its tokens again when the rollback reaches further back or there is no copy.
-    Every step's logits are those of a fresh pass over the row's tokens."""
+    Prompts and rereads go in passes of 4 tokens. Every step's logits are those of a fresh pass over the
+    row's tokens."""
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
     try:
         recurrent = tiny_auto_model(model_type, toks[0], seed=60, **RECURRENT_OVERRIDES[model_type])
@@ -483,7 +537,7 @@ def test_recurrent_models_decode_one_row_at_a_time(
         return
     if not copies:
         monkeypatch.setattr(unite_ext.decode, "COPY_ROLLBACK_RATE", 1.0)
-    ensemble = Ensemble(models, toks, k=4, sync=sync)
+    ensemble = Ensemble(models, toks, k=4, sync=sync, max_pass_tokens=4)
     if sync == "exact":  # within the last forward pass's tokens (1), and beyond them (3)
         ensemble._synchronizers[0] = RollBackMore(ensemble._synchronizers[0], extra=(1, 0, 3, 0))
     passes: list[tuple[int, int]] = []  # (first position, tokens) of each forward pass of the model
@@ -846,6 +900,8 @@ def test_clear_errors(tokenizers) -> None:
         Ensemble([model, tiny_causal_lm("llama", len(no_end))], [tokenizer, no_end])
     with pytest.raises(ValueError, match="sync"):
         Ensemble([model], [tokenizer], sync="slow")
+    with pytest.raises(ValueError, match="max_pass_tokens must be an integer >= 1, got 0"):
+        Ensemble([model], [tokenizer], max_pass_tokens=0)
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(tokenizers) -> None:

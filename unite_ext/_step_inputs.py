@@ -57,6 +57,18 @@ def _tables_pair(tables: TablesLike | tuple[Sequence[Tensor], Sequence[Tensor]])
     )
 
 
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """Raise a ValueError unless `value` is an integer (not a bool) in low..high (no upper bound: None)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
 def _check_weights(weights: Sequence[float] | Tensor | None, n: int) -> list[float]:
     if weights is None:
         return [1.0 / n] * n
@@ -126,8 +138,7 @@ def prepare_step_inputs(
                 f"tables.from_canon[{i}] has {fc.shape[0]} entries "
                 f"but tables.from_canon[0] has {num_canonical}"
             )
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+    check_int("k", k, 1, MAX_K)
     weights = _check_weights(weights, n)
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature < 0:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from unite_ext.defaults import DEFAULT_K, DEFAULT_SYNC
+from unite_ext.defaults import DEFAULT_K, DEFAULT_MAX_PASS_TOKENS, DEFAULT_SYNC
 from unite_ext.model_spec import (
     DTYPES,
     ModelSpec,
@@ -99,6 +99,13 @@ def chat_template_kwargs(args: argparse.Namespace, specs: Sequence[ModelSpec], c
 def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
     """Options of the ensemble itself."""
     parser.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model")
+    parser.add_argument(
+        "--max-pass-tokens",
+        type=int,
+        default=DEFAULT_MAX_PASS_TOKENS,
+        help="most tokens (rows x positions) a model reads in one forward pass; longer prompts take "
+        f"several passes (default {DEFAULT_MAX_PASS_TOKENS})",
+    )
     add_step_options(parser)
 
 
@@ -176,7 +183,11 @@ def run_eval(args: argparse.Namespace) -> int:
         task,
         examples,
         lazy_generator(
-            lambda: ensemble_generator(build_ensemble(specs, k=args.k, sync=args.sync), chat=chat, **template)
+            lambda: ensemble_generator(
+                build_ensemble(specs, k=args.k, sync=args.sync, max_pass_tokens=args.max_pass_tokens),
+                chat=chat,
+                **template,
+            )
         ),
         args.out,
         run=run,
@@ -262,7 +273,7 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         inputs = {"prompts": [args.prompt]}
     inputs.update(chat_template_kwargs(args, specs, "messages" in inputs))
-    ensemble = build_ensemble(specs, k=args.k, sync=args.sync)
+    ensemble = build_ensemble(specs, k=args.k, sync=args.sync, max_pass_tokens=args.max_pass_tokens)
 
     def stream(row: int, delta: str) -> None:
         sys.stdout.write(delta)

@@ -1,9 +1,10 @@
 """Decoding loop: several Hugging Face causal LMs with different tokenizers generating one text.
 
-Each step every model runs only on its new tokens with its own KV cache, one `ensemble_step` picks the
-next canonical token, and every model's continuation is extended as ``SPEC.md`` section 3 says. Rows of a
-batch can roll back different numbers of tokens (``sync="exact"``): the dropped cache slots are masked
-per row, and cropped once no row keeps them. Finished rows leave the batch.
+Each step every model runs only on its new tokens with its own KV cache (long prompts in several passes of
+at most `max_pass_tokens`), one `ensemble_step` picks the next canonical token, and every model's
+continuation is extended as ``SPEC.md`` section 3 says. Rows of a batch can roll back different numbers of
+tokens (``sync="exact"``): the dropped cache slots are masked per row, and cropped once no row keeps them.
+Finished rows leave the batch.
 
 Masked slots sit between a row's tokens, so cache slots are not token positions. Local attention laid over
 cache slots (Hugging Face's "sdpa" and "eager" masks for sliding-window and chunked layers) would then see
@@ -31,8 +32,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ._step_inputs import MAX_K, EnsembleStep, _check_weights
-from .defaults import DEFAULT_K, DEFAULT_LOOKBEHIND, DEFAULT_SYNC
+from ._step_inputs import MAX_K, EnsembleStep, _check_weights, check_int
+from .defaults import DEFAULT_K, DEFAULT_LOOKBEHIND, DEFAULT_MAX_PASS_TOKENS, DEFAULT_SYNC
 from .step import ensemble_step, ensemble_step_across_devices
 from .sync import Continuation, ExactSync, FastSync, Synchronizer
 from .vocab import VocabTables
@@ -444,9 +445,16 @@ class _ModelBatch:
     describe the cache.
     """
 
-    def __init__(self, member: _Member, prompts: list[list[int]], stream: torch.cuda.Stream | None):
+    def __init__(
+        self,
+        member: _Member,
+        prompts: list[list[int]],
+        stream: torch.cuda.Stream | None,
+        max_pass_tokens: int,
+    ):
         self.member = member
         self.stream = stream
+        self.max_pass_tokens = max_pass_tokens
         # A recurrent model builds its own cache (its recurrent layers need their own kind of layer cache).
         self.cache: Any = None if member.recurrent else DynamicCache()
         # A recurrent state cannot drop tokens. Such a model (one row) whose rollbacks are frequent keeps a
@@ -468,9 +476,12 @@ class _ModelBatch:
         self.slots: list[list[int]] = [[] for _ in prompts]
 
     def forward(self, feeds: list[list[int]]) -> Tensor:
-        """Run the model on each row's new tokens, right-aligned in one chunk.
+        """Run the model on each row's new tokens, right-aligned.
 
-        Returns the logits [B, V] after each row's last token.
+        Feeds longer than one pass holds (`max_pass_tokens` over the rows, at least one position) are
+        read in several passes over consecutive columns, the last ending at every row's last token; the
+        cache slots are those of one pass over all of them. Returns the logits [B, V] after each row's
+        last token.
         """
         if self.rolled_back:
             feeds = self._restore()
@@ -480,6 +491,18 @@ class _ModelBatch:
             self.snapshot = (0, None)  # the old copy goes before a new one is made
             if self.cache is not None and self.member.copies_pay():
                 self.snapshot = (self.length, _copy_of_cache(self.cache))
+        width = max(len(f) for f in feeds)
+        columns = max(1, self.max_pass_tokens // len(feeds))
+        # Column c of the right-aligned feeds is token c - (width - len(f)) of feed f.
+        for end in range(width % columns or columns, width, columns):
+            self._pass(
+                [f[max(0, end - columns - width + len(f)) : max(0, end - width + len(f))] for f in feeds]
+            )
+        return self._pass([f[max(0, len(f) - columns) :] for f in feeds])
+
+    def _pass(self, feeds: list[list[int]]) -> Tensor:
+        """One forward pass over each row's feed, right-aligned (a row may feed nothing); returns the
+        logits [B, V] after each row's last token."""
         batch, length = len(feeds), self.length
         chunk = max(len(f) for f in feeds)
         if length + chunk > self.key_positions.shape[1]:
@@ -561,9 +584,10 @@ class _ModelBatch:
         window, not the whole text, and their keys and values take memory for that span only."""
         local = self.member.local_attention
         for kind, start in self.local_starts.items():
-            first = min(
+            first = min(  # a row with no slot yet (its first pass is to come) needs none of them
                 self._first_slot(row, kind, len(slots) - _LOCAL_ROLLBACK_MARGIN)
                 for row, slots in enumerate(self.slots)
+                if slots
             )
             if first - start < _LOCAL_TRIM_SLOTS:
                 continue
@@ -727,6 +751,10 @@ class Ensemble:
         lookbehind: tokens re-encoded with the new bytes in "exact" mode. Default 8.
         tables: prebuilt `VocabTables` for these tokenizers; default: built (or loaded from the disk
             cache) with each model's `config.vocab_size` and end tokens.
+        max_pass_tokens: the most tokens (rows x positions, left padding included) a model reads in one
+            forward pass; longer prompts are read in several passes, which bounds the memory their
+            activations and attention masks take. A pass spans at least one position of the batch, so
+            a batch of more rows than `max_pass_tokens` reads one position at a time. Default 16384.
     """
 
     def __init__(
@@ -739,6 +767,7 @@ class Ensemble:
         lookbehind: int = DEFAULT_LOOKBEHIND,
         *,
         tables: VocabTables | None = None,
+        max_pass_tokens: int = DEFAULT_MAX_PASS_TOKENS,
     ):
         models, tokenizers = list(models), list(tokenizers)
         if not models:
@@ -748,16 +777,16 @@ class Ensemble:
                 f"got {len(models)} models but {len(tokenizers)} tokenizers: pass one tokenizer per model"
             )
         self.weights = _check_weights(weights, len(models))
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+        check_int("k", k, 1, MAX_K)
         if sync not in ("exact", "fast"):
             raise ValueError(f'sync must be "exact" or "fast", got {sync!r}')
-        if isinstance(lookbehind, bool) or not isinstance(lookbehind, int) or lookbehind < 1:
-            raise ValueError(f"lookbehind must be an integer >= 1, got {lookbehind!r}")
+        check_int("lookbehind", lookbehind, 1)
+        check_int("max_pass_tokens", max_pass_tokens, 1)
         self.members = [_Member(i, m, t) for i, (m, t) in enumerate(zip(models, tokenizers, strict=True))]
         self.k = k
         self.sync = sync
         self.lookbehind = lookbehind
+        self.max_pass_tokens = max_pass_tokens
         if tables is None:
             tables = VocabTables.from_tokenizers(
                 tokenizers,
@@ -787,7 +816,7 @@ class Ensemble:
 
         `dtype` and `device_map` apply to every model, or give a list with one value per model (e.g.
         `device_map=["cuda:0", "cuda:1"]`). Default dtype "auto" (the checkpoint's own), no device map (CPU).
-        `ensemble_kwargs` go to `Ensemble(...)` (weights, k, sync, lookbehind, tables).
+        `ensemble_kwargs` go to `Ensemble(...)` (weights, k, sync, lookbehind, tables, max_pass_tokens).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -934,10 +963,8 @@ class Ensemble:
         """
         encoded = self._encode_prompts(prompts, messages, chat_template_kwargs)
         rows = [_Row(index, ids) for index, ids in enumerate(encoded)]
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("max_new_tokens", max_new_tokens, 1)
+        check_int("batch_size", batch_size, 1)
         if batch_size > 1 and len(rows) > 1 and (single := [m for m in self.members if m.one_row_reason]):
             # The same texts as in batches, only slower.
             warnings.warn(
@@ -975,7 +1002,7 @@ class Ensemble:
             for m in self.members
         ]
         runs = [
-            _ModelBatch(m, [row.prompt_ids[m.index] for row in rows], stream)
+            _ModelBatch(m, [row.prompt_ids[m.index] for row in rows], stream, self.max_pass_tokens)
             for m, stream in zip(self.members, streams, strict=True)
         ]
         feeds = [run.prompts for run in runs]

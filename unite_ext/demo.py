@@ -47,7 +47,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
 from . import reference
-from ._step_inputs import MAX_K
+from ._step_inputs import MAX_K, check_int
 from .benchmark import median_seconds
 from .cli import add_step_options
 from .decode import Ensemble, StepTrace
@@ -546,8 +546,7 @@ def run_demo(
     """
     settings = settings if settings is not None else DemoSettings()
     # Checked here as well as by `Ensemble`, so that a bad option does not cost a training run first.
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+    check_int("k", k, 1, MAX_K)
     if sync not in ("exact", "fast"):
         raise ValueError(f'sync must be "exact" or "fast", got {sync!r}')
     resolved = _resolve_device(device)

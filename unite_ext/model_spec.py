@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from unite_ext.defaults import DEFAULT_K, DEFAULT_LOOKBEHIND, DEFAULT_SYNC
+from unite_ext.defaults import DEFAULT_K, DEFAULT_LOOKBEHIND, DEFAULT_MAX_PASS_TOKENS, DEFAULT_SYNC
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _MODEL_KEYS = ("path", "weight", "dtype", "device_map", "chat_template", "chat_template_kwargs")
@@ -181,11 +181,13 @@ def build_ensemble(
     k: int = DEFAULT_K,
     sync: str = DEFAULT_SYNC,
     lookbehind: int = DEFAULT_LOOKBEHIND,
+    max_pass_tokens: int = DEFAULT_MAX_PASS_TOKENS,
 ) -> Any:
     """Load the models of ``specs`` into a :class:`unite_ext.decode.Ensemble`.
 
-    ``k`` (default 10), ``sync`` (default ``"exact"``) and ``lookbehind`` (default 8) are the
-    ensemble's settings. A one-model ensemble is the single-model baseline.
+    ``k`` (default 10), ``sync`` (default ``"exact"``), ``lookbehind`` (default 8) and
+    ``max_pass_tokens`` (default 16384) are the ensemble's settings. A one-model ensemble is the
+    single-model baseline.
     """
     import torch
 
@@ -209,6 +211,7 @@ def build_ensemble(
         k=k,
         sync=sync,
         lookbehind=lookbehind,
+        max_pass_tokens=max_pass_tokens,
     )
     for spec, member, template in zip(specs, ensemble.members, templates, strict=True):
         if template is not None:

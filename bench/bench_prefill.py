@@ -1,0 +1,129 @@
+"""Memory and time of reading long prompts in one forward pass or in several (`max_pass_tokens`).
+
+Two tiny random models (the Qwen2-style and Llama-style pair of `bench_decode.py`, wider by default)
+read a batch of long prompts (the GSM8K prompt of `unite eval` repeated) and decode a few tokens, once per
+pass budget: "one pass" reads every prompt in a single forward pass, a number is `max_pass_tokens`.
+"passes" is how many forward passes the first model's prompts took; "peak MiB" is the most memory the
+run took above what it held when it began (CPU: the process's resident memory, its peak reset before each
+run; CUDA: the allocator's peak), so it counts the activations and attention masks of the passes, not the
+weights; "vs one pass" is the median over runs of a run's time to the one-pass run made next to it. The
+texts must be the same (they are compared).
+
+    python bench/bench_prefill.py [--device cpu|cuda] [--batch-sizes 1 8 32] [--copies 4]
+                                  [--budgets 16384 4096 1024] [--new-tokens 4] [--repeats 3]
+                                  [--hidden-size 256] [--layers 2] [--attention sdpa|eager] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from bench_decode import PROMPTS, build_models, load_tokenizers, ratio, synchronize
+
+from unite_ext.decode import Ensemble, Generation
+
+ONE_PASS = 1 << 40  # a budget no batch reaches
+
+
+def resident_kib(field: str) -> int:
+    """The process's current ("VmRSS") or peak ("VmHWM") resident memory, in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1))
+
+
+def start_peak(device: str) -> int:
+    """Reset the peak memory gauge; returns the memory held now, in bytes."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory goes back, so that the peak starts from here
+    Path("/proc/self/clear_refs").write_text("5")  # the peak resident memory is now the current one
+    return resident_kib("VmRSS") * 1024
+
+
+def peak(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else resident_kib("VmHWM") * 1024
+
+
+def measured_generate(
+    ensemble: Ensemble, rows: list[str], new_tokens: int, device: str
+) -> tuple[float, int, list[Generation]]:
+    """Seconds to decode `rows` in one batch, the peak memory above the start in bytes, and the texts."""
+    synchronize(device)
+    held = start_peak(device)
+    start = time.perf_counter()
+    texts = ensemble.generate(rows, max_new_tokens=new_tokens, batch_size=len(rows), progress=False)
+    synchronize(device)
+    return time.perf_counter() - start, peak(device) - held, texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="device of the models and the step (default cpu)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--copies", type=int, default=4, help="copies of the GSM8K prompt in each row")
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[16384, 4096, 1024], help="max_pass_tokens values"
+    )
+    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown")
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    description, toks, vocab_sizes = load_tokenizers("real")
+    models = build_models(toks, vocab_sizes, args.hidden_size, args.layers, args.device, "llama")
+    for model in models:
+        model.set_attn_implementation(args.attention)
+        model.config.max_position_embeddings = 1 << 15  # RoPE reaches past the tiny configs' 1024
+    budgets = [ONE_PASS, *args.budgets]
+    ensembles = {budget: Ensemble(models, toks, max_pass_tokens=budget) for budget in budgets}
+    # Rows that differ in their last words.
+    prompts = [f"{PROMPTS['gsm8k'] * args.copies} {n}" for n in range(max(args.batch_sizes))]
+    ensembles[ONE_PASS].generate(prompts[:1], max_new_tokens=2, progress=False)  # warm-up
+    width = max(len(toks[0](p)["input_ids"]) for p in prompts)
+    print(
+        f"device {args.device}, tokenizers {description}, hidden size {args.hidden_size}, {args.layers} "
+        f"layers, {args.attention} attention, prompts of up to {width} tokens (first model), "
+        f"{args.new_tokens} new tokens, torch threads {torch.get_num_threads()}, "
+        f"median of {args.repeats} runs"
+    )
+    header = f"{'batch':>5} {'budget':>9} {'passes':>6} | {'s/run':>7} {'vs one pass':>11} {'peak MiB':>9}"
+    print(header, "-" * len(header), sep="\n")
+    for batch in args.batch_sizes:
+        rows = prompts[:batch]
+        times: dict[int, list[float]] = {budget: [] for budget in budgets}
+        peaks: dict[int, list[int]] = {budget: [] for budget in budgets}
+        texts = {}
+        for _ in range(args.repeats):
+            for budget in budgets:
+                seconds, most, texts[budget] = measured_generate(
+                    ensembles[budget], rows, args.new_tokens, args.device
+                )
+                times[budget].append(seconds)
+                peaks[budget].append(most)
+        for budget in budgets:
+            assert texts[budget] == texts[ONE_PASS], f"passes of {budget} tokens changed the texts"
+            name = "one pass" if budget == ONE_PASS else str(budget)
+            passes = -(-width // max(1, budget // batch))
+            change = "" if budget == ONE_PASS else f"{ratio(times, budget, ONE_PASS):>10.3f}x"
+            print(
+                f"{batch:>5} {name:>9} {passes:>6} | {statistics.median(times[budget]):>7.3f} {change:>11} "
+                f"{statistics.median(peaks[budget]) / 2**20:>9.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
