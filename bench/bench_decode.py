@@ -233,6 +233,11 @@ def ratio(times: dict[str, list[float]], slow: str, fast: str) -> float:
     return statistics.median(s / f for s, f in zip(times[slow], times[fast], strict=True))
 
 
+def versus(times: dict, name: object, base: object) -> str:
+    """`ratio` of run `name` to run `base` as "1.234x", blank for the base itself."""
+    return "" if name == base else f"{ratio(times, name, base):.3f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -21,7 +21,7 @@ import time
 from unittest import mock
 
 import torch
-from bench_decode import PROMPTS, load_tokenizers, ratio, synchronize
+from bench_decode import PROMPTS, load_tokenizers, synchronize, versus
 from tiny_models import tiny_causal_lm
 
 from unite_ext import decode
@@ -115,7 +115,7 @@ def main() -> None:
                 assert texts[str(window)] == texts["None"], "a window that never binds changed the texts"
             assert texts[str(window)] == texts[f"{window} all keys"], "dropping keys changed the texts"
         for name, _, _ in runs:
-            change = "" if name == "None" else f"{ratio(times, name, 'None'):>7.3f}x"
+            change = versus(times, name, "None")
             print(
                 f"{batch:>5} {name:>14} | {statistics.median(times[name]):>7.3f} {change:>8} "
                 f"{kv_bytes[name] / 1024:>9.0f}"

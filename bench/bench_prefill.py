@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_decode import PROMPTS, build_models, load_tokenizers, ratio, synchronize
+from bench_decode import PROMPTS, build_models, load_tokenizers, synchronize, versus
 
 from unite_ext.decode import Ensemble, Generation
 
@@ -118,7 +118,7 @@ def main() -> None:
             assert texts[budget] == texts[ONE_PASS], f"passes of {budget} tokens changed the texts"
             name = "one pass" if budget == ONE_PASS else str(budget)
             passes = -(-width // max(1, budget // batch))
-            change = "" if budget == ONE_PASS else f"{ratio(times, budget, ONE_PASS):>10.3f}x"
+            change = versus(times, budget, ONE_PASS)
             print(
                 f"{batch:>5} {name:>9} {passes:>6} | {statistics.median(times[budget]):>7.3f} {change:>11} "
                 f"{statistics.median(peaks[budget]) / 2**20:>9.0f}"

@@ -63,10 +63,11 @@ def steps_with_slots_between_tokens(
                 with torch.no_grad():
                     fresh = model(torch.tensor([trace.tokens[i][b]], device=device)).logits[0, -1]
                 torch.testing.assert_close(trace.logits[i][b], fresh, atol=atol, rtol=1e-4)
-                continuation = recorder.continuations[row, i][trace.step]
-                previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
+                step = trace.steps[b]
+                continuation = recorder.continuations[row, i][step]
+                previous = recorder.continuations[row, i][step - 1] if step else []
                 kept = len(common_prefix(previous, continuation))
                 fed.add(len(continuation) - kept)
                 dropped.add(len(previous) - kept)
-            uneven += trace.step > 0 and (len(fed) > 1 or len(dropped) > 1)
+            uneven += min(trace.steps) > 0 and (len(fed) > 1 or len(dropped) > 1)
     return uneven

@@ -1,10 +1,11 @@
 """The decoding loop on many Hugging Face architectures: batched, exact sync, against fresh forward passes.
 
 Each case builds two tiny random models of one architecture from its config (one per trained tokenizer),
-decodes four prompts of different lengths in one batch, and checks every row's logits at every step
-against a fresh pass over the row's tokens. Local-attention models get windows (or chunks) of 6 tokens, so
+decodes four prompts of different lengths in batches of two, the rows ending at different steps so that
+waiting rows join a batch whose other row is decoding, and checks every row's logits at every step against
+a fresh pass over the row's tokens. Local-attention models get windows (or chunks) of 6 tokens, so
 that masked cache slots fall inside them, and their layers drop every key out of reach as soon as they can
-(no rollback margin). The prompts are read two positions at a time (passes of 8 tokens), so the shorter
+(no rollback margin). The prompts are read three positions at a time (passes of 6 tokens), so the shorter
 rows feed nothing in the first passes. Architectures that the installed transformers lacks are skipped.
 """
 
@@ -71,10 +72,17 @@ def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, monkeypatch, m
     models = [
         tiny_auto_model(model_type, t, seed=50 + n, **ARCHITECTURES[model_type]) for n, t in enumerate(toks)
     ]
-    ensemble = Ensemble(models, toks, k=4, sync="exact", max_pass_tokens=8)
+    advance = unite_ext.decode._Row.advance
+
+    def staggered(row: unite_ext.decode._Row, token: bytes | None, stops: list[bytes], most: int) -> None:
+        advance(row, token, stops, min(most, 8 + 5 * row.index))  # rows end at steps 8, 13, 18 and 23
+
+    monkeypatch.setattr(unite_ext.decode._Row, "advance", staggered)
+    ensemble = Ensemble(models, toks, k=4, sync="exact", max_pass_tokens=6)
     recorder = Recorder(keep_logits=True)
     # Sampled, so that rows pick different tokens even where tiny random models would repeat one.
     ensemble.generate(
-        PROMPTS, max_new_tokens=24, do_sample=True, seed=0, batch_size=4, on_step=recorder, progress=False
+        PROMPTS, max_new_tokens=24, do_sample=True, seed=0, batch_size=2, on_step=recorder, progress=False
     )
     assert steps_with_slots_between_tokens(recorder, models, "cpu") > 0
+    assert any(min(trace.steps) == 0 < max(trace.steps) for trace in recorder.traces)  # rows joined

@@ -212,6 +212,48 @@ def test_batch_gives_the_rows_texts(mixed_ensemble_parts) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_waiting_rows_join_the_batch_as_rows_finish(mixed_ensemble_parts, monkeypatch, device: str) -> None:
+    """Rows finish at different steps (stop strings from different depths of the texts); once at most half
+    of a batch of 4 is left, waiting rows read their prompts and join it, their caches and the batch's
+    padded to end at one slot. The texts are those of rows decoded one by one, and every step's logits
+    those of a fresh pass."""
+    models, toks = mixed_ensemble_parts
+    models = [copy.deepcopy(m).to(device) for m in models]  # the fixture's models stay on the CPU
+    ensemble = Ensemble(models, toks, k=4)
+    prompts = PROMPTS + [prompt.upper() for prompt in PROMPTS]
+    free = ensemble.generate(prompts, max_new_tokens=24, batch_size=1, progress=False)
+    stops = [g.text[2 * r + 2 : 2 * r + 5] for r, g in enumerate(free) if len(g.text) >= 2 * r + 5]
+    one_by_one = ensemble.generate(prompts, max_new_tokens=24, stop=stops, batch_size=1, progress=False)
+    joins: list[tuple[int, int]] = []  # (rows in the batch, rows joining) of every join
+    join = unite_ext.decode._ModelBatch.join
+
+    def spy_join(run: unite_ext.decode._ModelBatch, other: unite_ext.decode._ModelBatch) -> None:
+        joins.append((len(run.prompts), len(other.prompts)))
+        join(run, other)
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "join", spy_join)
+    freed: list[int] = []  # the leading slots that rows leaving a batch left unused
+    keep_rows = unite_ext.decode._ModelBatch.keep_rows
+
+    def spy_keep_rows(run: unite_ext.decode._ModelBatch, rows: list[int]) -> None:
+        freed.append(min(run.slots[b][0] for b in rows))
+        keep_rows(run, rows)
+        assert min(slots[0] for slots in run.slots) == 0  # they are removed
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "keep_rows", spy_keep_rows)
+    recorder = Recorder(keep_logits=True)
+    batched = ensemble.generate(
+        prompts, max_new_tokens=24, stop=stops, batch_size=4, on_step=recorder, progress=False
+    )
+    assert max(freed) > 0
+    assert batched == one_by_one
+    assert len({g.num_steps for g in batched}) > 2
+    assert joins and all(0 < left <= 2 and left + joining <= 4 for left, joining in joins)
+    assert any(min(trace.steps) == 0 < max(trace.steps) for trace in recorder.traces)  # old and new rows
+    steps_with_slots_between_tokens(recorder, models, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("sync", "lookbehind"), [("exact", 1), ("exact", 8), ("fast", 8)])
 def test_continuations_match_the_tokenizers_and_a_fresh_forward(
     mixed_ensemble_parts, sync: str, lookbehind: int, device: str
@@ -232,7 +274,11 @@ def test_continuations_match_the_tokenizers_and_a_fresh_forward(
                 generated = trace.generated[b]
                 continuation = trace.tokens[i][b][trace.prompt_lengths[i][b] :]
                 if sync == "exact":
-                    assert continuation == ensemble.tables.encode_mid_text(i, generated), (trace.step, i, row)
+                    assert continuation == ensemble.tables.encode_mid_text(i, generated), (
+                        trace.steps,
+                        i,
+                        row,
+                    )
                     text = generated.decode("utf-8", errors="replace")
                     round_trips = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
                     # Byte-level tokenizers: the plain encoding of a text that round-trips.
@@ -246,7 +292,8 @@ def test_continuations_match_the_tokenizers_and_a_fresh_forward(
                     ids = torch.tensor([trace.tokens[i][b]], device=model.device)
                     fresh = model(ids, logits_to_keep=1).logits[0, -1]
                 torch.testing.assert_close(trace.logits[i][b], fresh, atol=2e-4, rtol=1e-4)
-                previous = recorder.continuations[row, i][trace.step - 1] if trace.step else []
+                step = trace.steps[b]
+                previous = recorder.continuations[row, i][step - 1] if step else []
                 dropped.append(len(previous) - len(common_prefix(previous, continuation)))
             rollbacks += sum(d > 0 for d in dropped)
             rows_disagree += len(set(dropped)) > 1
@@ -610,7 +657,7 @@ def test_rows_end_when_a_model_context_is_full(toy_tokenizers, sync: str) -> Non
     recorder = Recorder(keep_logits=True)
     options = {"max_new_tokens": 60, "batch_size": 3, "progress": False}
     reference = ensemble(1024).generate(PROMPTS, on_step=recorder, **options)
-    text_before = {(row, t.step): t.generated[b] for t in recorder.traces for b, row in enumerate(t.rows)}
+    text_before = {(row, t.steps[b]): t.generated[b] for t in recorder.traces for b, row in enumerate(t.rows)}
     streamed: dict[int, str] = defaultdict(str)
     limited = ensemble(CONTEXT).generate(
         PROMPTS, stream=lambda row, delta: streamed.__setitem__(row, streamed[row] + delta), **options

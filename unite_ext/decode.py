@@ -4,7 +4,7 @@ Each step every model runs only on its new tokens with its own KV cache (long pr
 at most `max_pass_tokens`), one `ensemble_step` picks the next canonical token, and every model's
 continuation is extended as ``SPEC.md`` section 3 says. Rows of a batch can roll back different numbers of
 tokens (``sync="exact"``): the dropped cache slots are masked per row, and cropped once no row keeps them.
-Finished rows leave the batch.
+Finished rows leave the batch, and waiting rows join it once at most half of it is left.
 
 Masked slots sit between a row's tokens, so cache slots are not token positions. Local attention laid over
 cache slots (Hugging Face's "sdpa" and "eager" masks for sliding-window and chunked layers) would then see
@@ -15,6 +15,7 @@ those layers drop the leading slots no row's next query can reach.
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import copy
 import functools
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -68,7 +70,7 @@ class StepTrace:
     `prompts`/`messages` given to `generate`.
     """
 
-    step: int  # steps already taken in this batch
+    steps: list[int]  # [row]: steps already taken for the row (its chosen tokens so far)
     rows: list[int]
     generated: list[bytes]  # [row]: bytes generated so far
     tokens: list[list[list[int]]]  # [model][row]: the tokens held in the model's KV cache, prompt first
@@ -627,6 +629,42 @@ class _ModelBatch:
             self.cache.crop(used - self.length)
             self.length = used
 
+    def join(self, other: _ModelBatch) -> None:
+        """Take in the rows of `other`, a batch of the same model after its first forward pass. The two
+        caches end at the same slot: the shorter one gets masked slots on its left."""
+        length = max(self.length, other.length)
+        shifts = (length - self.length, length - other.length)
+        self.local_starts = {
+            kind: min(shifts[0] + start, shifts[1] + other.local_starts[kind])
+            for kind, start in self.local_starts.items()
+        }
+        for n, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers, strict=True)):
+            if getattr(mine, "keys", None) is None:
+                continue
+            held = length - self._layer_start(n)  # the slots the joined layer keeps
+            for name in ("keys", "values"):
+                tensors = [getattr(layer, name) for layer in (mine, theirs)]
+                setattr(mine, name, torch.cat([F.pad(x, (0, 0, held - x.shape[-2], 0)) for x in tensors]))
+        self.key_positions = torch.cat(
+            [
+                F.pad(run.key_positions[:, : run.length], (shift, 0), value=-1)
+                for run, shift in zip((self, other), shifts, strict=True)
+            ]
+        )
+        self.slots = [
+            [slot + shift for slot in slots]
+            for run, shift in zip((self, other), shifts, strict=True)
+            for slots in run.slots
+        ]
+        self.prompts = self.prompts + other.prompts
+        self.continuations = self.continuations + other.continuations
+        self.length = length
+
+    def _layer_start(self, n: int) -> int:
+        """The cache slot of layer `n`'s first key: its start if it is a local-attention layer, else 0."""
+        types = self.member.local_attention.layer_types if self.local_starts else ()
+        return self.local_starts.get(types[n], 0) if n < len(types) else 0
+
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only `rows` of the batch (finished rows stop costing compute)."""
         self.cache.batch_select_indices(torch.tensor(rows))
@@ -636,6 +674,23 @@ class _ModelBatch:
         self.slots = [self.slots[b] for b in rows]
         self.rereads = {new for new, old in enumerate(rows) if old in self.rereads}
         self.crop()
+        self._drop_leading_slots()
+
+    def _drop_leading_slots(self) -> None:
+        """Remove the leading cache slots that no row keeps (those of rows that left the batch), which
+        rows joining the batch (join) would otherwise pile up."""
+        first = min(slots[0] for slots in self.slots if slots)
+        if first == 0:
+            return
+        for n, layer in enumerate(self.cache.layers):
+            if getattr(layer, "keys", None) is not None:
+                dropped = max(0, first - self._layer_start(n))
+                layer.keys = layer.keys[..., dropped:, :]
+                layer.values = layer.values[..., dropped:, :]
+        self.local_starts = {kind: max(0, start - first) for kind, start in self.local_starts.items()}
+        self.key_positions = self.key_positions[:, first:]
+        self.slots = [[slot - first for slot in slots] for slots in self.slots]
+        self.length -= first
 
 
 @dataclass
@@ -717,11 +772,12 @@ def _publish(row: _Row, settings: _Settings) -> None:
 
 
 def _drop_finished(
-    runs: list[_ModelBatch], rows: list[_Row], per_row: list[list[Any]]
+    runs: list[_ModelBatch], rows: list[_Row], per_row: list[list[Any]], bar: tqdm
 ) -> tuple[list[_Row], list[list[Any]]]:
     """The unfinished rows, kept in every model's batch (finished rows stop costing compute), and each
-    list of `per_row` values restricted to them."""
+    list of `per_row` values restricted to them; the progress bar counts the finished ones."""
     active = [b for b, row in enumerate(rows) if row.finish_reason is None]
+    bar.update(len(rows) - len(active))
     if 0 < len(active) < len(rows):
         for run in runs:
             with _on_stream(run.stream):
@@ -951,12 +1007,13 @@ class Ensemble:
             do_sample: sample (with `temperature` and `top_p`) instead of the greedy choice. Default False.
             temperature, top_p: sampling parameters (only with do_sample). Defaults 1.0 and 1.0.
             seed: seed of the sampling random numbers; None uses torch's global generator.
-            batch_size: rows decoded together. Default 8; 1 (with a warning) for models that decode one row
-                at a time (recurrent layers, MPT).
+            batch_size: rows decoded together; waiting rows join a batch once at most half of it is left.
+                Default 8; 1 (with a warning) for models that decode one row at a time (recurrent layers,
+                MPT).
             stream: called as stream(row_index, text_delta) whenever a row's text grows.
             on_step: called with a `StepTrace` before every ensemble step (inspection; it must not
                 modify what it is given).
-            progress: show a progress bar over batches. Default True.
+            progress: show a progress bar over the rows. Default True.
             chat_template_kwargs: further variables of the chat templates that render `messages` (e.g.
                 `{"enable_thinking": False}` for Qwen3's), for every model, or a list with one dict per
                 model. A template ignores the variables it does not use.
@@ -991,31 +1048,45 @@ class Ensemble:
         )
         # Long prompts together: less padding.
         order = sorted(rows, key=lambda row: max(len(ids) for ids in row.prompt_ids), reverse=True)
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-            self._generate_batch(batch, settings)
+        with tqdm(total=len(rows), desc="generate", unit="row", disable=not progress) as bar:
+            self._generate_rows(order, batch_size, settings, bar)
         return [row.result() for row in rows]
 
-    def _generate_batch(self, rows: list[_Row], settings: _Settings) -> None:
+    def _generate_rows(self, pending: list[_Row], batch_size: int, settings: _Settings, bar: tqdm) -> None:
+        """Decode `pending` rows in batches of up to `batch_size` rows. Finished rows leave the batch; once
+        at most half of it is left, waiting rows join it (see _join)."""
         streams = [
             torch.cuda.Stream(device=m.input_device) if m.input_device.type == "cuda" else None
             for m in self.members
         ]
-        runs = [
-            _ModelBatch(m, [row.prompt_ids[m.index] for row in rows], stream, self.max_pass_tokens)
-            for m, stream in zip(self.members, streams, strict=True)
-        ]
-        feeds = [run.prompts for run in runs]
-        step = 0
+        waiting = collections.deque(pending)
+        rows: list[_Row] = []
+        runs: list[_ModelBatch] = []
+        feeds: list[list[list[int]]] = []
         while True:
+            joining: list[_ModelBatch] = []
+            if waiting and len(rows) <= batch_size // 2:
+                newcomers = [waiting.popleft() for _ in range(min(len(waiting), batch_size - len(rows)))]
+                joining = [
+                    _ModelBatch(
+                        m, [row.prompt_ids[m.index] for row in newcomers], stream, self.max_pass_tokens
+                    )
+                    for m, stream in zip(self.members, streams, strict=True)
+                ]
+                if not rows:  # a new batch
+                    runs, feeds, joining = joining, [run.prompts for run in joining], []
+                rows += newcomers
+            if not rows:
+                return
             logits = self._forward(runs, feeds)
+            if joining:
+                logits = self._join(runs, joining, logits)
             if settings.on_step is not None:
-                settings.on_step(self._trace(step, rows, runs, logits))
+                settings.on_step(self._trace(rows, runs, logits))
             chosen = self._step(logits, settings)
             next_canon = chosen.next_canon.tolist()  # the one host sync of the step
             if min(next_canon) < 0:
                 self._raise_unusable(rows, next_canon, chosen.status.tolist())
-            step += 1
             for row, canonical in zip(rows, next_canon, strict=True):
                 row.advance(
                     self._canonical_bytes(canonical) if canonical != 0 else None,
@@ -1023,17 +1094,30 @@ class Ensemble:
                     settings.max_new_tokens,
                 )
                 _publish(row, settings)
-            rows, (next_canon,) = _drop_finished(runs, rows, [next_canon])
+            rows, (next_canon,) = _drop_finished(runs, rows, [next_canon], bar)
             if not rows:
-                return
+                continue
             by_model = [self._extend(run, rows, next_canon) for run in runs]
             for b, row in enumerate(rows):
                 if any(run.exceeds_context(b, feed[b]) for run, feed in zip(runs, by_model, strict=True)):
                     row.finish_reason = "length"  # a model's context is full
                     _publish(row, settings)
-            rows, feeds = _drop_finished(runs, rows, by_model)
-            if not rows:
-                return
+            rows, feeds = _drop_finished(runs, rows, by_model, bar)
+
+    def _join(
+        self, runs: list[_ModelBatch], joining: list[_ModelBatch], logits: list[Tensor]
+    ) -> list[Tensor]:
+        """The batches in `joining` read their rows' prompts and join `runs`, batch by batch; returns every
+        model's logits for the rows of `runs` (`logits`) then for theirs.
+
+        Rows that join a batch as others finish keep it full: a step costs a GPU about the same for one row
+        as for many, and a batch left to its longest row would run its last steps with few rows.
+        """
+        added = self._forward(joining, [run.prompts for run in joining])
+        for run, newcomers in zip(runs, joining, strict=True):
+            with _on_stream(run.stream):
+                run.join(newcomers)
+        return [torch.cat([old, new]) for old, new in zip(logits, added, strict=True)]
 
     def _extend(self, run: _ModelBatch, rows: list[_Row], next_canon: list[int]) -> list[list[int]]:
         """Extend one model's continuations after a step; returns each row's tokens to feed."""
@@ -1081,9 +1165,9 @@ class Ensemble:
             return ensemble_step(logits, self._tables_for(device), **options)
         return ensemble_step_across_devices(logits, [self._tables_for(x.device) for x in logits], **options)
 
-    def _trace(self, step: int, rows: list[_Row], runs: list[_ModelBatch], logits: list[Tensor]) -> StepTrace:
+    def _trace(self, rows: list[_Row], runs: list[_ModelBatch], logits: list[Tensor]) -> StepTrace:
         return StepTrace(
-            step=step,
+            steps=[row.num_steps for row in rows],
             rows=[row.index for row in rows],
             generated=[bytes(row.generated) for row in rows],
             tokens=[[run.tokens(b) for b in range(len(rows))] for run in runs],

@@ -1,0 +1,124 @@
+"""Rows joining a batch as others finish, against batches decoded to their end one after the other.
+
+Two tiny random models (the Qwen2- and Llama-style pair of `bench_decode.py`) decode --rows prompts (the
+GSM8K prompt with a different last word each) in batches of --batch-size. The rows end at different
+steps: each text stops at a stop string taken from its own free-running text at a random depth. "static"
+decodes the prompts a batch at a time, each batch until its last row ends (finished rows leave it, so its
+last steps run with few rows); "joining" is `generate` itself, where waiting rows read their prompts and
+join the batch once at most half of it is left. Both give the same texts (asserted). Columns: loop steps
+(ensemble steps), the mean rows per step, the tokens the models read in all (prompts and new tokens, not
+padding), seconds per run (median) and the median ratio of the runs made next to each other. Where a step
+costs about the same at any batch size (a GPU decoding a large model), time follows the loop steps; on a
+CPU, the tokens read.
+
+    python bench/bench_batching.py [--device cpu|cuda] [--rows 32] [--batch-size 8] [--new-tokens 64]
+                                   [--repeats 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from unittest import mock
+
+import torch
+from bench_decode import PROMPTS, build_models, load_tokenizers, synchronize, versus
+
+from unite_ext import decode
+from unite_ext.decode import Ensemble, Generation, StepTrace
+
+
+class Counter:
+    """Loop steps, rows per step and tokens read by the models over a run."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.rows = 0
+        self.tokens = 0
+
+    def on_step(self, trace: StepTrace) -> None:
+        self.steps += 1
+        self.rows += len(trace.rows)
+
+
+def run(
+    ensemble: Ensemble, prompts: list[str], batch: int, new_tokens: int, stops: list[str], joining: bool
+) -> tuple[float, Counter, list[Generation]]:
+    """Seconds, counts and texts of decoding `prompts` with rows joining, or a batch at a time."""
+    counter = Counter()
+    read = decode._ModelBatch._pass
+
+    def counted(model_batch: decode._ModelBatch, feeds: list[list[int]]) -> torch.Tensor:
+        counter.tokens += sum(map(len, feeds))
+        return read(model_batch, feeds)
+
+    options = {"max_new_tokens": new_tokens, "stop": stops, "batch_size": batch, "progress": False}
+    groups = [prompts] if joining else [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+    device = ensemble.members[0].input_device.type
+    with mock.patch.object(decode._ModelBatch, "_pass", counted):
+        synchronize(device)
+        start = time.perf_counter()
+        texts = [g for group in groups for g in ensemble.generate(group, on_step=counter.on_step, **options)]
+        synchronize(device)
+    return time.perf_counter() - start, counter, texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="device of the models and the step (default cpu)")
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    description, toks, vocab_sizes = load_tokenizers("real")
+    ensemble = Ensemble(build_models(toks, vocab_sizes, 64, 2, args.device, "llama"), toks)
+    prompts = [f"{PROMPTS['gsm8k']} {n}" for n in range(args.rows)]
+    free = ensemble.generate(
+        prompts, max_new_tokens=args.new_tokens, batch_size=args.batch_size, progress=False
+    )
+    # Six characters, so that a row seldom meets another row's stop string first.
+    depths = random.Random(0)
+    stops = []
+    for g in free:
+        depth = depths.randrange(len(g.text) - 6) if len(g.text) > 6 else 0
+        if g.text[depth : depth + 6].strip():
+            stops.append(g.text[depth : depth + 6])
+    times: dict[str, list[float]] = {"static": [], "joining": []}
+    counts, texts = {}, {}
+    for _ in range(args.repeats):
+        for name in times:
+            seconds, counts[name], texts[name] = run(
+                ensemble, prompts, args.batch_size, args.new_tokens, stops, name == "joining"
+            )
+            times[name].append(seconds)
+    assert texts["joining"] == texts["static"], "rows joining a batch changed the texts"
+    lengths = [g.num_steps for g in texts["static"]]
+    print(
+        f"device {args.device}, tokenizers {description}, {args.rows} rows in batches of {args.batch_size}, "
+        f"up to {args.new_tokens} new tokens (rows took {min(lengths)}-{max(lengths)} steps, mean "
+        f"{statistics.mean(lengths):.1f}), torch threads {torch.get_num_threads()}, "
+        f"median of {args.repeats} runs"
+    )
+    header = (
+        f"{'batching':>8} | {'steps':>6} {'rows/step':>9} {'tokens read':>11} {'s/run':>7} {'vs static':>9}"
+    )
+    print(header, "-" * len(header), sep="\n")
+    for name, counter in counts.items():
+        seconds = statistics.median(times[name])
+        print(
+            f"{name:>8} | {counter.steps:>6} {counter.rows / counter.steps:>9.2f} {counter.tokens:>11} "
+            f"{seconds:>7.3f} {versus(times, name, 'static'):>9}"
+        )
+
+
+if __name__ == "__main__":
+    main()
