@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from bench_decode import PROMPTS, build_models, load_tokenizers, synchronize, versus
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from unite_ext.decode import Ensemble, Generation
+from unite_ext.decode import Ensemble
 
 ONE_PASS = 1 << 40  # a budget no batch reaches
+T = TypeVar("T")
 
 
 def resident_kib(field: str) -> int:
@@ -51,40 +56,49 @@ def peak(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else resident_kib("VmHWM") * 1024
 
 
-def measured_generate(
-    ensemble: Ensemble, rows: list[str], new_tokens: int, device: str
-) -> tuple[float, int, list[Generation]]:
-    """Seconds to decode `rows` in one batch, the peak memory above the start in bytes, and the texts."""
+def measured(run: Callable[[], T], device: str) -> tuple[float, int, T]:
+    """Seconds `run` takes, the peak memory above its start in bytes, and what it returns."""
     synchronize(device)
     held = start_peak(device)
     start = time.perf_counter()
-    texts = ensemble.generate(rows, max_new_tokens=new_tokens, batch_size=len(rows), progress=False)
+    result = run()
     synchronize(device)
-    return time.perf_counter() - start, peak(device) - held, texts
+    return time.perf_counter() - start, peak(device) - held, result
+
+
+def add_model_options(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options of `tiny_pair`'s models, and of the runs."""
+    parser.add_argument("--device", default="cpu", help="device of the models (default cpu)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="runs per measurement (median shown)")
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def tiny_pair(args: argparse.Namespace) -> tuple[str, list[PreTrainedTokenizerBase], list[PreTrainedModel]]:
+    """The tokenizers' description, the tokenizers and the two tiny models (Qwen2- and Llama-style) that
+    `add_model_options`' options describe; sets torch's CPU threads."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    description, toks, vocab_sizes = load_tokenizers("real")
+    models = build_models(toks, vocab_sizes, args.hidden_size, args.layers, args.device, "llama")
+    return description, toks, models
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu", help="device of the models and the step (default cpu)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--copies", type=int, default=4, help="copies of the GSM8K prompt in each row")
     parser.add_argument(
         "--budgets", type=int, nargs="+", default=[16384, 4096, 1024], help="max_pass_tokens values"
     )
     parser.add_argument("--new-tokens", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown")
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_model_options(parser, repeats=3)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    description, toks, vocab_sizes = load_tokenizers("real")
-    models = build_models(toks, vocab_sizes, args.hidden_size, args.layers, args.device, "llama")
+    description, toks, models = tiny_pair(args)
     for model in models:
         model.set_attn_implementation(args.attention)
         model.config.max_position_embeddings = 1 << 15  # RoPE reaches past the tiny configs' 1024
@@ -109,8 +123,15 @@ def main() -> None:
         texts = {}
         for _ in range(args.repeats):
             for budget in budgets:
-                seconds, most, texts[budget] = measured_generate(
-                    ensembles[budget], rows, args.new_tokens, args.device
+                seconds, most, texts[budget] = measured(
+                    functools.partial(
+                        ensembles[budget].generate,
+                        rows,
+                        max_new_tokens=args.new_tokens,
+                        batch_size=len(rows),
+                        progress=False,
+                    ),
+                    args.device,
                 )
                 times[budget].append(seconds)
                 peaks[budget].append(most)

@@ -185,7 +185,9 @@ def test_generate_ensemble_with_messages(checkpoints, tmp_path, capsys, monkeypa
     widths = []  # of every forward pass, read 3 positions at a time
     read = _ModelBatch._pass
     monkeypatch.setattr(
-        _ModelBatch, "_pass", lambda run, feeds: widths.append(max(map(len, feeds))) or read(run, feeds)
+        _ModelBatch,
+        "_pass",
+        lambda run, feeds, keep: widths.append(max(map(len, feeds))) or read(run, feeds, keep),
     )
     assert main(["generate", "--model", folders[0], "--model", folders[1], "--messages", str(path),
                  "--max-new-tokens", "10", "--stop", "\n", "--max-pass-tokens", "3"]) == 0  # fmt: skip

@@ -433,9 +433,9 @@ def test_long_feeds_are_read_in_passes_of_at_most_max_pass_tokens(
     kept: dict[int, list[tuple[int, int]]] = defaultdict(list)  # model -> (fewest slots a layer holds, slots)
     read = unite_ext.decode._ModelBatch._pass
 
-    def spy_pass(run: unite_ext.decode._ModelBatch, feeds: list[list[int]]) -> torch.Tensor:
+    def spy_pass(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int) -> torch.Tensor:
         passes[run.member.index].append(feeds)
-        logits = read(run, feeds)
+        logits = read(run, feeds, keep)
         kept[run.member.index].append((min(layer.keys.shape[-2] for layer in run.cache.layers), run.length))
         return logits
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 import transformers
 
+import unite_ext.decode
+
 lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -208,6 +210,91 @@ def test_loglikelihood_rolling_matches_full_text_scores(members):
             ids = ids[1:]
         scores.append(reference_loglikelihood(model, [tokenizer.bos_token_id], ids))
     assert value == pytest.approx(float(np.logaddexp(*scores) - math.log(2)), abs=1e-4)
+
+
+SCORING_CASES = [
+    ("gpt2+llama", {}),  # the two members: absolute positions and RoPE, two tokenizers
+    ("mistral", {"sliding_window": 6, "attn_implementation": "eager"}),
+    ("lfm2", RECURRENT_OVERRIDES["lfm2"]),
+]
+
+
+@pytest.mark.parametrize("max_pass_tokens", [1, 3, 7, 40])
+@pytest.mark.parametrize(("architecture", "overrides"), SCORING_CASES)
+def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
+    members, monkeypatch, architecture: str, overrides: dict, max_pass_tokens: int
+):
+    """Requests are batched by length as far as max_pass_tokens allows (a recurrent state must not read
+    padding after a row's first token), and one longer than that is read alone in passes of at most that
+    many tokens, its continuation's logits spread over several of them; each score still equals a float64
+    pass over the unpadded sequence, and rolling scores those of one pass."""
+    if architecture == "gpt2+llama":
+        models, tokenizers = (list(side) for side in zip(*members, strict=True))
+    else:
+        if architecture in RECURRENT_OVERRIDES and not _decodes_recurrent(architecture):
+            pytest.skip(f"transformers {transformers.__version__} is too old for {architecture} (refused)")
+        _, tokenizer = members[0]
+        maker = tiny_auto_model if architecture in RECURRENT_OVERRIDES else tiny_model_for_tokenizer
+        models, tokenizers = [maker(architecture, tokenizer, seed=9, **overrides)], [tokenizer]
+    passes: list[tuple[int, int, int]] = []  # rows, columns and positions with logits, of every pass
+    read = unite_ext.decode._ModelBatch._pass
+
+    def spy_pass(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int) -> torch.Tensor:
+        logits = read(run, feeds, keep)
+        passes.append((len(feeds), max(map(len, feeds)), logits.shape[1]))
+        return logits
+
+    yields: list[int] = []  # passes that gave logits, per read
+    read_logits = unite_ext.decode._ModelBatch.read
+
+    def spy_read(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int):
+        yields.append(0)
+        for item in read_logits(run, feeds, keep):
+            yields[-1] += 1
+            yield item
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "_pass", spy_pass)
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
+    ensemble = Ensemble(models, tokenizers, max_pass_tokens=max_pass_tokens)
+    lm = UniteLM(ensemble=ensemble, batch_size=3, greedy_check=False)
+    pairs = [
+        ("The quick brown", " fox jumps over the lazy dog, twice."),
+        ("A", " b"),
+        (SAMPLE_TEXTS[0][:90], " and so on"),
+        ("Numbers such as 3.14159, 42 and", " 1,000,000."),
+        ("Lists:", " first item"),
+    ]
+    values = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
+    # A pass reads at least one position of every row.
+    assert passes and all(
+        max(columns, positions) <= max(1, max_pass_tokens // rows) for rows, columns, positions in passes
+    )
+    if max_pass_tokens == 40:
+        assert any(rows > 1 for rows, _, _ in passes)  # short requests share a pass
+    assert len(passes) > len(yields)  # long requests take several passes
+    if max_pass_tokens < 40:
+        assert max(yields) > 1  # a long continuation's logits come from several passes
+    for (context, continuation), (value, _) in zip(pairs, values, strict=True):
+        scores = []
+        for i, (model, tokenizer) in enumerate(zip(models, tokenizers, strict=True)):
+            continuation_ids = ensemble.tables.encode_mid_text(i, continuation.encode())
+            scores.append(reference_loglikelihood(model, tokenizer(context)["input_ids"], continuation_ids))
+        assert value == pytest.approx(combine_loglikelihoods(scores, ensemble.weights), abs=1e-4)
+    text = [request("loglikelihood_rolling", " ".join(SAMPLE_TEXTS)[:200])]
+    one_pass = Ensemble(models, tokenizers)
+    assert UniteLM(ensemble=ensemble, max_length=48).loglikelihood_rolling(text) == pytest.approx(
+        UniteLM(ensemble=one_pass, max_length=48).loglikelihood_rolling(text), abs=1e-4
+    )
+
+
+def test_max_pass_tokens_reaches_the_ensemble(members, tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "byte", "byte", 5)
+    assert UniteLM(models=str(folder), max_pass_tokens="64").ensemble.max_pass_tokens == 64  # harness: text
+    with pytest.raises(ValueError, match="max_pass_tokens must be"):
+        UniteLM(models=str(folder), max_pass_tokens=0)
+    model, tokenizer = members[0]
+    with pytest.raises(ValueError, match="max_pass_tokens=... cannot be combined with ensemble"):
+        UniteLM(ensemble=Ensemble([model], [tokenizer]), max_pass_tokens=64)
 
 
 @pytest.mark.parametrize("chat", [False, True])

@@ -23,7 +23,7 @@ import inspect
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -478,13 +478,8 @@ class _ModelBatch:
         self.slots: list[list[int]] = [[] for _ in prompts]
 
     def forward(self, feeds: list[list[int]]) -> Tensor:
-        """Run the model on each row's new tokens, right-aligned.
-
-        Feeds longer than one pass holds (`max_pass_tokens` over the rows, at least one position) are
-        read in several passes over consecutive columns, the last ending at every row's last token; the
-        cache slots are those of one pass over all of them. Returns the logits [B, V] after each row's
-        last token.
-        """
+        """Run the model on each row's new tokens, right-aligned (see `read`); returns the logits [B, V]
+        after each row's last token."""
         if self.rolled_back:
             feeds = self._restore()
         if self.rereads:
@@ -493,18 +488,35 @@ class _ModelBatch:
             self.snapshot = (0, None)  # the old copy goes before a new one is made
             if self.cache is not None and self.member.copies_pay():
                 self.snapshot = (self.length, _copy_of_cache(self.cache))
+        *_, (_, logits) = self.read(feeds, 1)
+        return logits[:, -1]
+
+    def read(self, feeds: list[list[int]], keep: int) -> Iterator[tuple[int, Tensor]]:
+        """Run the model on each row's new tokens, right-aligned, and yield the logits after each of the
+        last `keep` columns as the passes compute them: (first, logits [B, n, V]) for columns `first` to
+        `first + n - 1` of those `keep`.
+
+        Feeds longer than one pass holds (`max_pass_tokens` over the rows, at least one position) are
+        read in several passes over consecutive columns, the last ending at every row's last token; the
+        cache slots are those of one pass over all of them.
+        """
         width = max(len(f) for f in feeds)
         columns = max(1, self.max_pass_tokens // len(feeds))
+        kept = width - min(keep, width)  # the first column whose logits are kept
         # Column c of the right-aligned feeds is token c - (width - len(f)) of feed f.
-        for end in range(width % columns or columns, width, columns):
-            self._pass(
-                [f[max(0, end - columns - width + len(f)) : max(0, end - width + len(f))] for f in feeds]
+        for end in range(width % columns or columns, width + 1, columns):
+            start = end - columns
+            wanted = end - max(start, kept)
+            logits = self._pass(
+                [f[max(0, start - width + len(f)) : max(0, end - width + len(f))] for f in feeds],
+                max(wanted, 1),
             )
-        return self._pass([f[max(0, len(f) - columns) :] for f in feeds])
+            if wanted > 0:
+                yield end - wanted - kept, logits
 
-    def _pass(self, feeds: list[list[int]]) -> Tensor:
+    def _pass(self, feeds: list[list[int]], keep: int) -> Tensor:
         """One forward pass over each row's feed, right-aligned (a row may feed nothing); returns the
-        logits [B, V] after each row's last token."""
+        logits [B, keep, V] after the last `keep` columns."""
         batch, length = len(feeds), self.length
         chunk = max(len(f) for f in feeds)
         if length + chunk > self.key_positions.shape[1]:
@@ -544,7 +556,7 @@ class _ModelBatch:
             "use_cache": True,
         }
         if self.member.keeps_last_logits:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = keep
         output = self.member.model(**kwargs)
         if self.cache is None:
             self.cache = getattr(output, self.member.cache_argument, None)
@@ -552,7 +564,7 @@ class _ModelBatch:
                 raise RuntimeError(f"{self.member.name} built no cache of its own when given none")
         if self.local_starts:
             self._trim_local_layers()
-        return output.logits[:, -1, :]
+        return output.logits[:, -keep:, :]
 
     def tokens(self, row: int) -> list[int]:
         """Every token `row` keeps: its prompt, then its continuation."""

@@ -14,9 +14,9 @@ Usage::
 or ``simple_evaluate(model=UniteLM(spec="chosen.json"))``. Model arguments: ``models`` (paths or hub
 names separated by ``;``, or a list), or ``spec`` (a model spec file, see :mod:`unite_ext.model_spec`);
 ``weights`` (``;``-separated or a list), ``k``, ``sync``, ``dtype``, ``device_map``, ``batch_size``,
-``max_gen_toks``, ``max_length``, ``greedy_check``, ``enable_thinking``, ``think_end_token`` (and, from
-Python, ``chat_template_args``); see :class:`UniteLM`. The package also declares the
-entry point ``unite = "unite_ext.lm_eval:UniteLM"`` in the group ``lm_eval.models``.
+``max_pass_tokens``, ``max_gen_toks``, ``max_length``, ``greedy_check``, ``enable_thinking``,
+``think_end_token`` (and, from Python, ``chat_template_args``); see :class:`UniteLM`. The package also
+declares the entry point ``unite = "unite_ext.lm_eval:UniteLM"`` in the group ``lm_eval.models``.
 
 How requests are answered:
 
@@ -50,6 +50,7 @@ file with ``chat_template`` set needs the harness's ``apply_chat_template=True``
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -59,8 +60,9 @@ from typing import Any
 
 import jinja2
 import torch
+from tqdm.auto import tqdm
 
-from unite_ext.defaults import DEFAULT_K, DEFAULT_SYNC
+from unite_ext.defaults import DEFAULT_K, DEFAULT_MAX_PASS_TOKENS, DEFAULT_SYNC
 
 try:
     from lm_eval import utils as lm_eval_utils
@@ -71,7 +73,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "unite_ext.lm_eval needs lm-evaluation-harness: pip install lm_eval (or unite_ext[lm_eval])"
     ) from error
 
-from unite_ext.decode import context_length, render_chat
+from unite_ext.decode import _ModelBatch, context_length, render_chat
 from unite_ext.model_spec import ModelSpec, build_ensemble, load_spec, uses_chat
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,9 @@ class UniteLM(LM):
         device: the harness's ``--device``, used as ``device_map`` when that is not given.
         max_batch_size: accepted for the harness's sake and unused (batch sizes are fixed).
         batch_size: rows per forward pass or generation batch (default 8).
+        max_pass_tokens: the most tokens (rows x positions) a model reads in one forward pass, scoring or
+            generating (default 16384, ``unite_ext.defaults.DEFAULT_MAX_PASS_TOKENS``); a scoring pass also
+            holds the logits of its positions (tokens x vocabulary), so lower it when those do not fit.
         max_gen_toks: generation budget when a task gives none (default 256).
         max_length: most tokens a model reads at once (default: each model's configured context length,
             else 2048).
@@ -145,6 +150,7 @@ class UniteLM(LM):
         device: str | None = None,
         batch_size: int | str = 8,
         max_batch_size: int | None = None,
+        max_pass_tokens: int | str | None = None,
         max_gen_toks: int = 256,
         max_length: int | None = None,
         greedy_check: bool = True,
@@ -173,10 +179,18 @@ class UniteLM(LM):
                 ]
             self.chat_required = uses_chat(specs)
             own_kwargs = [spec.chat_template_kwargs or {} for spec in specs]
-            ensemble = build_ensemble(specs, k=int(k), sync=sync)
+            ensemble = build_ensemble(
+                specs,
+                k=int(k),
+                sync=sync,
+                max_pass_tokens=DEFAULT_MAX_PASS_TOKENS if max_pass_tokens is None else int(max_pass_tokens),
+            )
         else:
-            if weights is not None:
-                raise ValueError("weights=... cannot be combined with ensemble=...; set them on the Ensemble")
+            for name, value in (("weights", weights), ("max_pass_tokens", max_pass_tokens)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name}=... cannot be combined with ensemble=...; set it on the Ensemble"
+                    )
             self.chat_required = False
             own_kwargs = [{} for _ in ensemble.members]
         if chat_template_args is not None and not isinstance(chat_template_args, dict):
@@ -236,57 +250,57 @@ class UniteLM(LM):
         return ([prefix], ids) if not ids or ids[0] != prefix else ([prefix], ids[1:])
 
     @torch.inference_mode()
-    def score_tokens(self, index: int, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
+    def score_tokens(
+        self, index: int, pairs: Sequence[tuple[list[int], list[int]]], progress: bool = True
+    ) -> list[float]:
         """Model ``index``'s summed log-probability of each continuation given its context.
 
-        Contexts are cut from the left to fit the model's maximum length; rows are left-padded and
-        batched by length (``batch_size`` rows at a time).
+        Contexts are cut from the left to fit the model's maximum length. Rows are left-padded and batched
+        by length, ``batch_size`` rows at a time or fewer where more would exceed the ensemble's
+        ``max_pass_tokens``; a row longer than that is read alone in passes of that many tokens
+        (``_ModelBatch.read``). So one pass's activations and logits (``max_pass_tokens`` x vocabulary)
+        bound the memory, and no row reads padding after its first token (a recurrent state would take
+        it in).
         """
         member = self.members[index]
-        model = member.model
         limit = self.model_max_length(member)
-        device = member.input_device
+        budget = self.ensemble.max_pass_tokens
+        inputs, targets = [], []
+        for context, continuation in pairs:
+            if not continuation:
+                raise ValueError("an empty continuation has no likelihood to compute")
+            if len(continuation) > limit:
+                raise ValueError(
+                    f"continuation of {len(continuation)} tokens exceeds {member.name}'s {limit}"
+                )
+            inputs.append((context + continuation)[-(limit + 1) : -1])  # the last token is only predicted
+            targets.append(continuation)
         results = [0.0] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            inputs, lengths = [], []
-            for i in rows:
-                context, continuation = pairs[i]
-                if not continuation:
-                    raise ValueError("an empty continuation has no likelihood to compute")
-                if len(continuation) > limit:
-                    raise ValueError(
-                        f"continuation of {len(continuation)} tokens exceeds {member.name}'s {limit}"
-                    )
-                tokens = (context + continuation)[-(limit + 1) :][:-1]  # the last token is only predicted
-                inputs.append(tokens)
-                lengths.append(len(continuation))
-            width = max(len(t) for t in inputs)
-            pad = member.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(t)) + t for t in inputs], device=device)
-            mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in inputs], device=device)
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            keep = max(lengths)
-            # Rows are left-padded, so the last `keep` positions hold every row's continuation logits.
-            extra = {"logits_to_keep": keep} if member.keeps_last_logits else {}
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[
-                :, -keep:, :
-            ]
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            for row, i in enumerate(rows):
-                continuation = pairs[i][1]
-                n = len(continuation)
-                targets = torch.tensor(continuation, device=log_probs.device)
-                picked = log_probs[row, keep - n :, :].gather(1, targets[:, None])
-                results[i] = float(picked.sum())
+        order = collections.deque(sorted(range(len(pairs)), key=lambda i: -len(inputs[i])))
+        with tqdm(total=len(pairs), desc=f"scoring with {member.name}", disable=not progress) as bar:
+            while order:
+                count = max(1, min(self.batch_size, budget // len(inputs[order[0]]), len(order)))
+                rows = [order.popleft() for _ in range(count)]
+                keep = max(len(targets[i]) for i in rows)
+                # Each row's targets under the last `keep` columns of the right-aligned rows (-1: none).
+                wanted = torch.tensor([[-1] * (keep - len(targets[i])) + targets[i] for i in rows])
+                totals = torch.zeros(len(rows), dtype=torch.float64)
+                run = _ModelBatch(member, [inputs[i] for i in rows], None, budget)
+                for first, logits in run.read(run.prompts, keep):
+                    picked = wanted[:, first : first + logits.shape[1]].to(logits.device)
+                    log_probs = torch.log_softmax(logits.float(), dim=-1)
+                    scores = log_probs.gather(2, picked.clamp(min=0)[..., None])[..., 0]
+                    totals += torch.where(picked >= 0, scores, 0).double().sum(1).cpu()
+                for row, i in enumerate(rows):
+                    results[i] = float(totals[row])
+                bar.update(len(rows))
         return results
 
     def ensemble_loglikelihoods(
-        self, pairs_per_model: list[list[tuple[list[int], list[int]]]]
+        self, pairs_per_model: list[list[tuple[list[int], list[int]]]], progress: bool = True
     ) -> list[float]:
         """Combine every model's scores of the same requests (module documentation)."""
-        per_model = [self.score_tokens(i, pairs) for i, pairs in enumerate(pairs_per_model)]
+        per_model = [self.score_tokens(i, pairs, progress) for i, pairs in enumerate(pairs_per_model)]
         return [
             combine_loglikelihoods(values, self.ensemble.weights) for values in zip(*per_model, strict=True)
         ]
@@ -381,7 +395,7 @@ class UniteLM(LM):
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [request.args for request in requests]
         encoded = [[self.encode_request(i, c, x) for c, x in pairs] for i in range(len(self.members))]
-        values = self.ensemble_loglikelihoods(encoded)
+        values = self.ensemble_loglikelihoods(encoded, progress=not disable_tqdm)
         greedy = self.greedy_flags(pairs) if self.greedy_check else [False] * len(pairs)
         results = list(zip(values, greedy, strict=True))
         for request, result in zip(requests, results, strict=True):
@@ -486,7 +500,8 @@ class UniteLM(LM):
         per_model_totals = []
         for index, windows in enumerate(windows_per_model):
             totals = [0.0] * len(requests)
-            for r, value in zip(owners[index], self.score_tokens(index, windows), strict=True):
+            scores = self.score_tokens(index, windows, progress=not disable_tqdm)
+            for r, value in zip(owners[index], scores, strict=True):
                 totals[r] += value
             per_model_totals.append(totals)
         results = [
