@@ -6,6 +6,7 @@ import copy
 import importlib.metadata
 import json
 import math
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -285,6 +286,51 @@ def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
     assert UniteLM(ensemble=ensemble, max_length=48).loglikelihood_rolling(text) == pytest.approx(
         UniteLM(ensemble=one_pass, max_length=48).loglikelihood_rolling(text), abs=1e-4
     )
+
+
+def test_requests_reading_the_same_tokens_share_a_row_and_a_generation(members, monkeypatch):
+    """Multiple-choice requests (one context, several choices) read the context once where a choice is one
+    token (its requests read the same tokens) and generate once per context and choice length; every
+    score still equals a float64 pass over its own unpadded sequence, every is_greedy flag the ensemble's
+    own generation."""
+    models, tokenizers = zip(*members, strict=True)
+    ensemble = Ensemble(list(models), list(tokenizers), weights=[0.3, 0.7])
+    lm = UniteLM(ensemble=ensemble, batch_size=3, greedy_check=False)
+    rows: dict[int, int] = defaultdict(int)  # model -> rows read
+    read = unite_ext.decode._ModelBatch.read
+
+    def spy_read(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int):
+        rows[run.member.index] += len(feeds)
+        return read(run, feeds, keep)
+
+    generated: list[str] = []  # contexts generated from
+    generate_texts = lm.generate_texts
+
+    def spy_generate(contexts: list[str], max_new_tokens: int, **settings):
+        generated.extend(contexts)
+        return generate_texts(contexts, max_new_tokens, **settings)
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
+    monkeypatch.setattr(lm, "generate_texts", spy_generate)
+    contexts = ["Question: which letter comes first?\nAnswer:", "The quick brown"]
+    choices = [" a", " b", " c", " d", " the", " fox jumps"]
+    pairs = [(context, choice) for context in contexts for choice in choices]
+    values = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
+    for i in range(len(models)):
+        encoded = [ensemble.tables.encode_mid_text(i, choice.encode()) for choice in choices]
+        alone = sum(len(ids) > 1 for ids in encoded)  # each reads its own row; one-token choices share one
+        assert alone < len(choices) - 1
+        assert rows[i] == len(contexts) * (alone + (alone < len(choices)))
+    flags = lm.greedy_flags(pairs)  # one generation per context and choice length in bytes (2, 4 and 10)
+    assert sorted(generated) == sorted(contexts * 3)
+    for (context, choice), (value, _), greedy in zip(pairs, values, flags, strict=True):
+        scores = []
+        for i, (model, tokenizer) in enumerate(members):
+            choice_ids = ensemble.tables.encode_mid_text(i, choice.encode())
+            scores.append(reference_loglikelihood(model, tokenizer(context)["input_ids"], choice_ids))
+        assert value == pytest.approx(combine_loglikelihoods(scores, ensemble.weights), abs=1e-4)
+        own = ensemble.generate([context], max_new_tokens=len(choice.encode()), progress=False)[0].text
+        assert greedy == own.startswith(choice)
 
 
 def test_max_pass_tokens_reaches_the_ensemble(members, tmp_path):

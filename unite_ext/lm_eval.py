@@ -32,7 +32,9 @@ How requests are answered:
   log of the weighted average of the models' probabilities of the continuation,
   ``log sum_i w_i exp(ll_i)`` with the ensemble's normalised weights, computed with log-sum-exp.
   ``is_greedy`` says whether the ensemble's greedy generation from the context starts with the
-  continuation (one short generation per request; ``greedy_check=False`` skips it and reports False).
+  continuation (one short generation per context and continuation length; ``greedy_check=False`` skips
+  it and reports False). Requests that read the same tokens (a multiple-choice question's one-token
+  choices) are scored from one row.
 - ``loglikelihood_rolling``: each model's log-likelihood of the whole text (in windows of its maximum
   length, after its BOS, or EOS when it has no BOS), combined the same way.
 
@@ -255,45 +257,53 @@ class UniteLM(LM):
     ) -> list[float]:
         """Model ``index``'s summed log-probability of each continuation given its context.
 
-        Contexts are cut from the left to fit the model's maximum length. Rows are left-padded and batched
-        by length, ``batch_size`` rows at a time or fewer where more would exceed the ensemble's
-        ``max_pass_tokens``; a row longer than that is read alone in passes of that many tokens
-        (``_ModelBatch.read``). So one pass's activations and logits (``max_pass_tokens`` x vocabulary)
-        bound the memory, and no row reads padding after its first token (a recurrent state would take
-        it in).
+        Contexts are cut from the left to fit the model's maximum length. Requests that read the same
+        tokens (the choices of a multiple-choice question that are one token each, say) share one row.
+        Rows are left-padded and batched by length, ``batch_size`` rows at a time or fewer where more would
+        exceed the ensemble's ``max_pass_tokens``; a row longer than that is read alone in passes of that
+        many tokens (``_ModelBatch.read``). So one pass's activations and logits (``max_pass_tokens`` x
+        vocabulary) bound the memory, and no row reads padding after its first token (a recurrent state
+        would take it in).
         """
         member = self.members[index]
         limit = self.model_max_length(member)
         budget = self.ensemble.max_pass_tokens
-        inputs, targets = [], []
-        for context, continuation in pairs:
+        readers: dict[tuple[int, ...], list[int]] = {}  # the tokens a row reads -> the requests reading them
+        for request, (context, continuation) in enumerate(pairs):
             if not continuation:
                 raise ValueError("an empty continuation has no likelihood to compute")
             if len(continuation) > limit:
                 raise ValueError(
                     f"continuation of {len(continuation)} tokens exceeds {member.name}'s {limit}"
                 )
-            inputs.append((context + continuation)[-(limit + 1) : -1])  # the last token is only predicted
-            targets.append(continuation)
+            read = tuple((context + continuation)[-(limit + 1) : -1])  # the last token is only predicted
+            readers.setdefault(read, []).append(request)
         results = [0.0] * len(pairs)
-        order = collections.deque(sorted(range(len(pairs)), key=lambda i: -len(inputs[i])))
+        order = collections.deque(sorted(readers, key=len, reverse=True))
         with tqdm(total=len(pairs), desc=f"scoring with {member.name}", disable=not progress) as bar:
             while order:
-                count = max(1, min(self.batch_size, budget // len(inputs[order[0]]), len(order)))
-                rows = [order.popleft() for _ in range(count)]
-                keep = max(len(targets[i]) for i in rows)
-                # Each row's targets under the last `keep` columns of the right-aligned rows (-1: none).
-                wanted = torch.tensor([[-1] * (keep - len(targets[i])) + targets[i] for i in rows])
-                totals = torch.zeros(len(rows), dtype=torch.float64)
-                run = _ModelBatch(member, [inputs[i] for i in rows], None, budget)
+                count = max(1, min(self.batch_size, budget // len(order[0]), len(order)))
+                batch = [order.popleft() for _ in range(count)]
+                # Each request, the batch row it reads, and its targets under the last `keep` columns of
+                # the right-aligned rows (-1: none).
+                requests = [(r, row) for row, tokens in enumerate(batch) for r in readers[tokens]]
+                keep = max(len(pairs[r][1]) for r, _ in requests)
+                wanted = torch.tensor([[-1] * (keep - len(pairs[r][1])) + pairs[r][1] for r, _ in requests])
+                totals = torch.zeros(len(requests), dtype=torch.float64)
+                run = _ModelBatch(member, [list(tokens) for tokens in batch], None, budget)
                 for first, logits in run.read(run.prompts, keep):
-                    picked = wanted[:, first : first + logits.shape[1]].to(logits.device)
+                    columns = logits.shape[1]
+                    picked = wanted[:, first : first + columns].to(logits.device)
                     log_probs = torch.log_softmax(logits.float(), dim=-1)
-                    scores = log_probs.gather(2, picked.clamp(min=0)[..., None])[..., 0]
+                    scores = log_probs[
+                        torch.tensor([row for _, row in requests], device=logits.device)[:, None],
+                        torch.arange(columns, device=logits.device),
+                        picked.clamp(min=0),
+                    ]
                     totals += torch.where(picked >= 0, scores, 0).double().sum(1).cpu()
-                for row, i in enumerate(rows):
-                    results[i] = float(totals[row])
-                bar.update(len(rows))
+                for (r, _), total in zip(requests, totals.tolist(), strict=True):
+                    results[r] = total
+                bar.update(len(requests))
         return results
 
     def ensemble_loglikelihoods(
@@ -435,19 +445,20 @@ class UniteLM(LM):
         """Whether the ensemble's greedy generation from each context starts with the continuation (a
         plain context without its trailing whitespace, which the continuation takes)."""
         pairs = [p if self.conversation(p[0]) is not None else move_trailing_space(*p) for p in pairs]
-        flags = [False] * len(pairs)
-        by_budget: dict[int, list[int]] = {}
-        for i, (_, continuation) in enumerate(pairs):
-            # Every step adds at least one byte, so this many steps always cover the continuation.
-            by_budget.setdefault(len(continuation.encode("utf-8")), []).append(i)
-        for budget, rows in by_budget.items():
-            contexts = [pairs[i][0] for i in rows]
+        # Requests with the same context and continuation length (a multiple-choice question's one-token
+        # choices, say) share one generation. Every step adds at least one byte, so as many steps as the
+        # continuation has bytes always cover it.
+        by_budget: dict[int, dict[str, None]] = {}
+        for context, continuation in pairs:
+            by_budget.setdefault(len(continuation.encode("utf-8")), {})[context] = None
+        generated: dict[tuple[str, int], str] = {}
+        for budget, distinct in by_budget.items():
+            contexts = list(distinct)
             if any(not c for c in contexts):
                 raise ValueError("is_greedy needs a non-empty context; pass greedy_check=False")
             texts = self.generate_texts(contexts, budget, progress=False)
-            for i, text in zip(rows, texts, strict=True):
-                flags[i] = text.startswith(pairs[i][1])
-        return flags
+            generated.update(((c, budget), text) for c, text in zip(contexts, texts, strict=True))
+        return [generated[c, len(x.encode("utf-8"))].startswith(x) for c, x in pairs]
 
     def generate_texts(self, contexts: Sequence[str], max_new_tokens: int, **settings: Any) -> list[str]:
         """The ensemble's generations from request contexts: plain texts (cut to fit, ``fit_contexts``) or
