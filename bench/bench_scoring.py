@@ -22,6 +22,8 @@ import argparse
 import functools
 import math
 import statistics
+from collections.abc import Iterator
+from unittest import mock
 
 import torch
 from bench_decode import PROMPTS, versus
@@ -29,7 +31,7 @@ from bench_prefill import ONE_PASS, add_model_options, measured, tiny_pair
 from lm_eval.api.instance import Instance
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from unite_ext.decode import Ensemble
+from unite_ext.decode import Ensemble, _ModelBatch
 from unite_ext.lm_eval import UniteLM
 
 
@@ -50,13 +52,17 @@ def main() -> None:
     # Documents that differ in their first word (their last token is only predicted, not read).
     texts = [f"{n}. {PROMPTS['gsm8k'] * args.copies}" for n in range(args.documents)]
     requests = [Instance("loglikelihood_rolling", {}, (text,), 0) for text in texts]
-    # Every document is one window of its models' (raised) context length.
-    width = max(len(tok(text)["input_ids"]) for tok in toks for text in texts)
     for model in models:
-        model.config.max_position_embeddings = width + 1
+        model.config.max_position_embeddings = 1 << 15  # RoPE reaches past the tiny configs' 1024
+    # Every document is one window of the backend's maximum length.
+    width = max(len(tok(text)["input_ids"]) for tok in toks for text in texts)
     budgets = [ONE_PASS, *args.budgets]
     backends = {
-        budget: UniteLM(ensemble=Ensemble(models, toks, max_pass_tokens=budget), batch_size=args.batch_size)
+        budget: UniteLM(
+            ensemble=Ensemble(models, toks, max_pass_tokens=budget),
+            batch_size=args.batch_size,
+            max_length=width + 1,
+        )
         for budget in budgets
     }
     backends[ONE_PASS].loglikelihood_rolling(requests[:1], disable_tqdm=True)  # warm-up
@@ -91,36 +97,70 @@ def main() -> None:
     multiple_choice(args, models, toks)
 
 
+# Choices of one token each (as MMLU's) and of several (as ARC's or HellaSwag's).
+CHOICES = {
+    "one token": [" A", " B", " C", " D"],
+    "several": [
+        " 71 rolls.",
+        " 59 rolls are left.",
+        " 97 rolls are sold.",
+        " 14 x 12 = 168 rolls, 168 - 97 = 71.",
+    ],
+}
+
+
 def multiple_choice(
     args: argparse.Namespace, models: list[PreTrainedModel], toks: list[PreTrainedTokenizerBase]
 ) -> None:
-    """Questions of four one-token choices (" A" to " D") after the GSM8K prompt: "shared" are the
-    harness's requests, whose choices read the same tokens and share a row and a generation; "distinct"
-    gives each choice's context a different first word, so that each request reads a row and generates
-    on its own, as every request did before rows were shared. `loglikelihood` with `is_greedy`."""
-    lm = UniteLM(ensemble=Ensemble(models, toks), batch_size=args.batch_size)
-    letters = [" A", " B", " C", " D"]
-    workloads = {
-        name: [
-            Instance("loglikelihood", {}, (f"{prefix(letter)}{PROMPTS['gsm8k']} {n}\nAnswer:", letter), 0)
-            for n in range(args.questions)
-            for letter in letters
-        ]
-        for name, prefix in (("shared", lambda _: ""), ("distinct", lambda letter: f"({letter.strip()}) "))
-    }
-    times: dict[str, list[float]] = {name: [] for name in workloads}
-    for _ in range(args.repeats):
-        for name, requests in workloads.items():
-            run = functools.partial(lm.loglikelihood, requests, disable_tqdm=True)
-            seconds, _, _ = measured(run, args.device)
-            times[name].append(seconds)
-    print(f"\n{args.questions} questions of {len(letters)} one-token choices, is_greedy computed")
-    header = f"{'requests':>8} {'rows':>5} | {'s/run':>7} {'vs distinct':>11}"
+    """Questions of four choices after the GSM8K prompt (a different last word each): "shared" are the
+    harness's requests, which read their context once (one-token choices share its row outright, longer
+    ones read their other tokens from copies of its cache) and share the is_greedy generation of a choice
+    length; "distinct" gives each choice's context a different first word, so that every request reads
+    its whole text and generates on its own, as every request did before. "rows" and "tokens" are what
+    the first model read."""
+    counts = {"rows": 0, "tokens": 0}
+    read = _ModelBatch.read
+
+    def counted(run: _ModelBatch, feeds: list[list[int]], keep: int) -> Iterator[tuple[int, torch.Tensor]]:
+        if run.member.index == 0:
+            counts["rows"] += len(feeds)
+            counts["tokens"] += sum(map(len, feeds))
+        return read(run, feeds, keep)
+
+    ensemble = Ensemble(models, toks)
+    cases = [("one token", False), ("one token", True), ("several", False)]
+    print(f"\n{args.questions} questions of 4 choices, batch size {args.batch_size}")
+    header = (
+        f"{'choices':>9} {'is_greedy':>9} {'requests':>8} | {'rows':>5} {'tokens':>7} {'s/run':>7} "
+        f"{'vs distinct':>11}"
+    )
     print(header, "-" * len(header), sep="\n")
-    for name in workloads:
-        rows = args.questions * (1 if name == "shared" else len(letters))
-        change = versus(times, name, "distinct")
-        print(f"{name:>8} {rows:>5} | {statistics.median(times[name]):>7.3f} {change:>11}")
+    for kind, greedy in cases:
+        lm = UniteLM(ensemble=ensemble, batch_size=args.batch_size, greedy_check=greedy)
+        workloads = {
+            name: [
+                Instance("loglikelihood", {}, (f"{mark}{PROMPTS['gsm8k']} {n}\nAnswer:", choice), 0)
+                for n in range(args.questions)
+                for mark, choice in zip(marks, CHOICES[kind], strict=True)
+            ]
+            for name, marks in (("shared", [""] * 4), ("distinct", ["(A) ", "(B) ", "(C) ", "(D) "]))
+        }
+        times: dict[str, list[float]] = {name: [] for name in workloads}
+        read_counts = {}
+        with mock.patch.object(_ModelBatch, "read", counted):
+            for _ in range(args.repeats):
+                for name, requests in workloads.items():
+                    counts.update(rows=0, tokens=0)
+                    run = functools.partial(lm.loglikelihood, requests, disable_tqdm=True)
+                    seconds, _, _ = measured(run, args.device)
+                    times[name].append(seconds)
+                    read_counts[name] = dict(counts)
+        for name in workloads:
+            print(
+                f"{kind:>9} {'yes' if greedy else 'no':>9} {name:>8} | {read_counts[name]['rows']:>5} "
+                f"{read_counts[name]['tokens']:>7} {statistics.median(times[name]):>7.3f} "
+                f"{versus(times, name, 'distinct'):>11}"
+            )
 
 
 if __name__ == "__main__":

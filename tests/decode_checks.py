@@ -1,5 +1,6 @@
 """Shared pieces of the decoding-loop tests: prompts, a corpus to train tokenizers on, a recorder of the
-steps, and the check of a run's logits against fresh forward passes."""
+steps, the check of a run's logits against fresh forward passes, and the reference of a continuation's
+log-likelihood."""
 
 from __future__ import annotations
 
@@ -71,3 +72,17 @@ def steps_with_slots_between_tokens(
                 dropped.add(len(previous) - kept)
             uneven += min(trace.steps) > 0 and (len(fed) > 1 or len(dropped) > 1)
     return uneven
+
+
+def reference_loglikelihood(
+    model: PreTrainedModel, context_ids: list[int], continuation_ids: list[int]
+) -> float:
+    """log p(continuation | context), one unpadded sequence, float64 log-softmax, position by position."""
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    total = 0.0
+    for j, token in enumerate(continuation_ids):
+        position = len(context_ids) + j - 1  # the logits that predict this token
+        total += float(torch.log_softmax(logits[position], dim=-1)[token])
+    return total

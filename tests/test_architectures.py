@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from decode_checks import PROMPTS, Recorder, steps_with_slots_between_tokens
+from decode_checks import PROMPTS, Recorder, reference_loglikelihood, steps_with_slots_between_tokens
 from tiny_models import tiny_auto_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import unite_ext.decode
@@ -62,16 +63,25 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
-def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, monkeypatch, model_type: str) -> None:
+def tiny_pair(
+    toy_tokenizers: dict, monkeypatch: pytest.MonkeyPatch, model_type: str, seed: int
+) -> tuple[list[PreTrainedTokenizerBase], list[PreTrainedModel]]:
+    """The two toy tokenizers and a tiny `model_type` model for each (skips when transformers lacks it);
+    local-attention layers drop every key out of reach as soon as they can."""
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {model_type} models")
     monkeypatch.setattr(unite_ext.decode, "_LOCAL_ROLLBACK_MARGIN", 0)
     monkeypatch.setattr(unite_ext.decode, "_LOCAL_TRIM_SLOTS", 1)
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
     models = [
-        tiny_auto_model(model_type, t, seed=50 + n, **ARCHITECTURES[model_type]) for n, t in enumerate(toks)
+        tiny_auto_model(model_type, t, seed=seed + n, **ARCHITECTURES[model_type]) for n, t in enumerate(toks)
     ]
+    return toks, models
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, monkeypatch, model_type: str) -> None:
+    toks, models = tiny_pair(toy_tokenizers, monkeypatch, model_type, seed=50)
     advance = unite_ext.decode._Row.advance
 
     def staggered(row: unite_ext.decode._Row, token: bytes | None, stops: list[bytes], most: int) -> None:
@@ -86,3 +96,32 @@ def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, monkeypatch, m
     )
     assert steps_with_slots_between_tokens(recorder, models, "cpu") > 0
     assert any(min(trace.steps) == 0 < max(trace.steps) for trace in recorder.traces)  # rows joined
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_scoring_gives_unpadded_log_likelihoods(toy_tokenizers, monkeypatch, model_type: str) -> None:
+    """The lm-eval backend's scoring: each context is read once, in passes of 6 tokens, and the choices of
+    several tokens read their rest in rows of their own from copies of its cache (masked slots between a
+    row's tokens); every score equals a float64 pass over the request's own tokens."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from unite_ext.lm_eval import UniteLM, combine_loglikelihoods
+
+    toks, models = tiny_pair(toy_tokenizers, monkeypatch, model_type, seed=60)
+    ensemble = Ensemble(models, toks, max_pass_tokens=6)
+    lm = UniteLM(ensemble=ensemble, batch_size=4, greedy_check=False)
+    pairs = [
+        (context, choice)
+        for context in (PROMPTS[0], PROMPTS[3])
+        for choice in (" a", " Paris, and then Lyon", " 42 more lines")
+    ]
+    values = lm.loglikelihood([Instance("loglikelihood", {}, pair, 0) for pair in pairs])
+    for (context, choice), (value, _) in zip(pairs, values, strict=True):
+        scores = [
+            reference_loglikelihood(
+                model, tok(context)["input_ids"], ensemble.tables.encode_mid_text(i, choice.encode())
+            )
+            for i, (model, tok) in enumerate(zip(models, toks, strict=True))
+        ]
+        assert value == pytest.approx(combine_loglikelihoods(scores, ensemble.weights), abs=1e-4)

@@ -17,6 +17,7 @@ import unite_ext.decode
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from decode_checks import reference_loglikelihood  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from tiny_models import (  # noqa: E402
@@ -53,18 +54,6 @@ def members():
         (tiny_model_for_tokenizer("gpt2", byte, seed=3), byte),
         (tiny_model_for_tokenizer("llama", sp, seed=4), sp),
     ]
-
-
-def reference_loglikelihood(model, context_ids: list[int], continuation_ids: list[int]) -> float:
-    """log p(continuation | context), one unpadded sequence, float64 log-softmax, position by position."""
-    ids = torch.tensor([context_ids + continuation_ids])
-    with torch.no_grad():
-        logits = model(ids).logits[0].double()
-    total = 0.0
-    for j, token in enumerate(continuation_ids):
-        position = len(context_ids) + j - 1  # the logits that predict this token
-        total += float(torch.log_softmax(logits[position], dim=-1)[token])
-    return total
 
 
 def request(kind: str, *args) -> Instance:
@@ -288,19 +277,23 @@ def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
     )
 
 
-def test_requests_reading_the_same_tokens_share_a_row_and_a_generation(members, monkeypatch):
-    """Multiple-choice requests (one context, several choices) read the context once where a choice is one
-    token (its requests read the same tokens) and generate once per context and choice length; every
-    score still equals a float64 pass over its own unpadded sequence, every is_greedy flag the ensemble's
-    own generation."""
+def test_choices_read_their_context_once_and_share_a_generation(members, monkeypatch):
+    """Multiple-choice requests (one context, several choices) read the context once, as one row whose
+    last logits score every choice's first token; a choice of several tokens then reads its other tokens,
+    and only those, in a row of its own (the context is read again for choices beyond the batch size). The
+    is_greedy check generates once per context and choice length.
+    Every score still equals a float64 pass over the request's own unpadded tokens, every is_greedy flag
+    the ensemble's own generation."""
     models, tokenizers = zip(*members, strict=True)
     ensemble = Ensemble(list(models), list(tokenizers), weights=[0.3, 0.7])
-    lm = UniteLM(ensemble=ensemble, batch_size=3, greedy_check=False)
+    lm = UniteLM(ensemble=ensemble, batch_size=2, greedy_check=False)
     rows: dict[int, int] = defaultdict(int)  # model -> rows read
+    tokens: dict[int, int] = defaultdict(int)  # model -> tokens read
     read = unite_ext.decode._ModelBatch.read
 
     def spy_read(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int):
         rows[run.member.index] += len(feeds)
+        tokens[run.member.index] += sum(map(len, feeds))
         return read(run, feeds, keep)
 
     generated: list[str] = []  # contexts generated from
@@ -313,16 +306,19 @@ def test_requests_reading_the_same_tokens_share_a_row_and_a_generation(members, 
     monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
     monkeypatch.setattr(lm, "generate_texts", spy_generate)
     contexts = ["Question: which letter comes first?\nAnswer:", "The quick brown"]
-    choices = [" a", " b", " c", " d", " the", " fox jumps"]
+    choices = [" a", " b", " c", " d", " the", " fox jumps", " lazy dogs sleep", " 42 more lines"]
     pairs = [(context, choice) for context in contexts for choice in choices]
     values = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
-    for i in range(len(models)):
+    for i, tokenizer in enumerate(tokenizers):
         encoded = [ensemble.tables.encode_mid_text(i, choice.encode()) for choice in choices]
-        alone = sum(len(ids) > 1 for ids in encoded)  # each reads its own row; one-token choices share one
-        assert alone < len(choices) - 1
-        assert rows[i] == len(contexts) * (alone + (alone < len(choices)))
-    flags = lm.greedy_flags(pairs)  # one generation per context and choice length in bytes (2, 4 and 10)
-    assert sorted(generated) == sorted(contexts * 3)
+        longer = [ids for ids in encoded if len(ids) > 1]
+        assert 2 < len(longer) < len(choices) - 1
+        reads = -(-len(longer) // 2)  # a batch holds 2 tails: the context is read again for the others
+        assert rows[i] == len(contexts) * (reads + len(longer))
+        read_once = sum(len(tokenizer(context)["input_ids"]) for context in contexts)
+        assert tokens[i] == reads * read_once + len(contexts) * sum(len(ids) - 1 for ids in longer)
+    flags = lm.greedy_flags(pairs)  # one generation per context and choice length in bytes
+    assert sorted(generated) == sorted(contexts * len({len(choice.encode()) for choice in choices}))
     for (context, choice), (value, _), greedy in zip(pairs, values, flags, strict=True):
         scores = []
         for i, (model, tokenizer) in enumerate(members):

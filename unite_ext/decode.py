@@ -678,12 +678,13 @@ class _ModelBatch:
         return self.local_starts.get(types[n], 0) if n < len(types) else 0
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Keep only `rows` of the batch (finished rows stop costing compute)."""
+        """Keep only `rows` of the batch (finished rows stop costing compute). A row named twice reads on
+        as two (scoring, which does not extend the rows' shared continuations)."""
         self.cache.batch_select_indices(torch.tensor(rows))
         self.key_positions = self.key_positions[rows]
         self.prompts = [self.prompts[b] for b in rows]
         self.continuations = [self.continuations[b] for b in rows]
-        self.slots = [self.slots[b] for b in rows]
+        self.slots = [list(self.slots[b]) for b in rows]
         self.rereads = {new for new, old in enumerate(rows) if old in self.rereads}
         self.crop()
         self._drop_leading_slots()

@@ -33,8 +33,8 @@ How requests are answered:
   ``log sum_i w_i exp(ll_i)`` with the ensemble's normalised weights, computed with log-sum-exp.
   ``is_greedy`` says whether the ensemble's greedy generation from the context starts with the
   continuation (one short generation per context and continuation length; ``greedy_check=False`` skips
-  it and reports False). Requests that read the same tokens (a multiple-choice question's one-token
-  choices) are scored from one row.
+  it and reports False). Requests with the same context (a multiple-choice question's choices) read it
+  once (``UniteLM.score_tokens``).
 - ``loglikelihood_rolling``: each model's log-likelihood of the whole text (in windows of its maximum
   length, after its BOS, or EOS when it has no BOS), combined the same way.
 
@@ -106,6 +106,28 @@ def combine_loglikelihoods(per_model: Sequence[float], weights: Sequence[float])
     if top == -math.inf:
         return -math.inf
     return top + math.log(sum(math.exp(t - top) for t in terms))
+
+
+def _log_likelihoods(
+    run: _ModelBatch, feeds: list[list[int]], rows: list[int], targets: list[list[int]]
+) -> list[float]:
+    """Read `feeds` with `run` (``_ModelBatch.read``); returns, for each `i`, the summed log-probability
+    of `targets[i]` under the logits after the last ``len(targets[i])`` tokens of row `rows[i]`."""
+    keep = max(map(len, targets))
+    # Each target under the last `keep` columns of the right-aligned rows (-1: none).
+    wanted = torch.tensor([[-1] * (keep - len(t)) + t for t in targets])
+    totals = torch.zeros(len(targets), dtype=torch.float64)
+    for first, logits in run.read(feeds, keep):
+        columns = logits.shape[1]
+        picked = wanted[:, first : first + columns].to(logits.device)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        scores = log_probs[
+            torch.tensor(rows, device=logits.device)[:, None],
+            torch.arange(columns, device=logits.device),
+            picked.clamp(min=0),
+        ]
+        totals += torch.where(picked >= 0, scores, 0).double().sum(1).cpu()
+    return totals.tolist()
 
 
 @register_model("unite")
@@ -257,18 +279,26 @@ class UniteLM(LM):
     ) -> list[float]:
         """Model ``index``'s summed log-probability of each continuation given its context.
 
-        Contexts are cut from the left to fit the model's maximum length. Requests that read the same
-        tokens (the choices of a multiple-choice question that are one token each, say) share one row.
-        Rows are left-padded and batched by length, ``batch_size`` rows at a time or fewer where more would
-        exceed the ensemble's ``max_pass_tokens``; a row longer than that is read alone in passes of that
-        many tokens (``_ModelBatch.read``). So one pass's activations and logits (``max_pass_tokens`` x
-        vocabulary) bound the memory, and no row reads padding after its first token (a recurrent state
-        would take it in).
+        Contexts are cut from the left to fit the model's maximum length. Requests with the same context
+        (a multiple-choice question's choices) read it once, as one row: its last logits score each
+        continuation's first token, and then each continuation of more tokens reads the rest in a row of
+        its own, from a copy of that row's cache (masked slots pad the copies' tails on the left). A model
+        that must read a row's tokens without masked slots between them (``one_row_reason``: recurrent
+        layers, slot-distance biases) reads each request's tokens in one row instead (requests reading
+        the same tokens still share it). Rows are left-padded and batched by the longest request they
+        serve, ``batch_size`` rows at a time, with at most as many tails (a context with more is read
+        again for the others), or fewer where more would exceed the ensemble's ``max_pass_tokens``; a
+        longer one is read alone in passes of that many tokens (``_ModelBatch.read``), so no row read in
+        one piece has padding after its first token. One pass's activations and logits
+        (``max_pass_tokens`` x vocabulary) bound the memory, and a batch's cache copies hold about that
+        many tokens.
         """
         member = self.members[index]
         limit = self.model_max_length(member)
         budget = self.ensemble.max_pass_tokens
-        readers: dict[tuple[int, ...], list[int]] = {}  # the tokens a row reads -> the requests reading them
+        shares = member.one_row_reason is None
+        readers: dict[tuple[int, ...], list[int]] = {}  # the tokens a row reads first -> the requests
+        tails = []  # each request's continuation tokens read after its row's, in a row of its own
         for request, (context, continuation) in enumerate(pairs):
             if not continuation:
                 raise ValueError("an empty continuation has no likelihood to compute")
@@ -276,34 +306,53 @@ class UniteLM(LM):
                 raise ValueError(
                     f"continuation of {len(continuation)} tokens exceeds {member.name}'s {limit}"
                 )
-            read = tuple((context + continuation)[-(limit + 1) : -1])  # the last token is only predicted
-            readers.setdefault(read, []).append(request)
+            read = (context + continuation)[-(limit + 1) : -1]  # the last token is only predicted
+            split = len(read) - (len(continuation) - 1 if shares else 0)
+            readers.setdefault(tuple(read[:split]), []).append(request)
+            tails.append(read[split:])
+        # The longest a request of each row reads (row and tail), and so how many rows, or tails, a batch
+        # of such rows holds (at least one).
+        width = {tokens: len(tokens) + max(len(tails[r]) for r in rs) for tokens, rs in readers.items()}
+
+        def room(tokens: tuple[int, ...]) -> int:
+            return max(1, min(self.batch_size, budget // width[tokens]))
+
+        # Each row to read, with the requests it scores: a row with more tails than a batch holds is read
+        # again for the others.
+        chunks: list[tuple[tuple[int, ...], list[int]]] = []
+        for tokens in sorted(readers, key=width.__getitem__, reverse=True):
+            tailed = [r for r in readers[tokens] if tails[r]]
+            groups = [tailed[i : i + room(tokens)] for i in range(0, len(tailed), room(tokens))] or [[]]
+            groups[0] = [r for r in readers[tokens] if not tails[r]] + groups[0]
+            chunks.extend((tokens, group) for group in groups)
         results = [0.0] * len(pairs)
-        order = collections.deque(sorted(readers, key=len, reverse=True))
+        order = collections.deque(chunks)
         with tqdm(total=len(pairs), desc=f"scoring with {member.name}", disable=not progress) as bar:
             while order:
-                count = max(1, min(self.batch_size, budget // len(order[0]), len(order)))
-                batch = [order.popleft() for _ in range(count)]
-                # Each request, the batch row it reads, and its targets under the last `keep` columns of
-                # the right-aligned rows (-1: none).
-                requests = [(r, row) for row, tokens in enumerate(batch) for r in readers[tokens]]
-                keep = max(len(pairs[r][1]) for r, _ in requests)
-                wanted = torch.tensor([[-1] * (keep - len(pairs[r][1])) + pairs[r][1] for r, _ in requests])
-                totals = torch.zeros(len(requests), dtype=torch.float64)
-                run = _ModelBatch(member, [list(tokens) for tokens in batch], None, budget)
-                for first, logits in run.read(run.prompts, keep):
-                    columns = logits.shape[1]
-                    picked = wanted[:, first : first + columns].to(logits.device)
-                    log_probs = torch.log_softmax(logits.float(), dim=-1)
-                    scores = log_probs[
-                        torch.tensor([row for _, row in requests], device=logits.device)[:, None],
-                        torch.arange(columns, device=logits.device),
-                        picked.clamp(min=0),
-                    ]
-                    totals += torch.where(picked >= 0, scores, 0).double().sum(1).cpu()
-                for (r, _), total in zip(requests, totals.tolist(), strict=True):
-                    results[r] = total
-                bar.update(len(requests))
+                most = room(order[0][0])  # the first row is the widest
+                batch: list[tuple[tuple[int, ...], list[int]]] = []
+                tailed = 0
+                while order and len(batch) < most:
+                    more = sum(1 for r in order[0][1] if tails[r])
+                    if batch and tailed + more > most:
+                        break
+                    batch.append(order.popleft())
+                    tailed += more
+                run = _ModelBatch(member, [list(tokens) for tokens, _ in batch], None, budget)
+                firsts = [(r, row) for row, (_, requests) in enumerate(batch) for r in requests]
+                targets = [pairs[r][1][: len(pairs[r][1]) - len(tails[r])] for r, _ in firsts]
+                scores = _log_likelihoods(run, run.prompts, [row for _, row in firsts], targets)
+                for (r, _), score in zip(firsts, scores, strict=True):
+                    results[r] = score
+                followers = [(r, row) for r, row in firsts if tails[r]]
+                if followers:
+                    run.keep_rows([row for _, row in followers])
+                    feeds = [tails[r] for r, _ in followers]
+                    targets = [pairs[r][1][-len(tails[r]) :] for r, _ in followers]
+                    scores = _log_likelihoods(run, feeds, list(range(len(followers))), targets)
+                    for (r, _), score in zip(followers, scores, strict=True):
+                        results[r] += score
+                bar.update(len(firsts))
         return results
 
     def ensemble_loglikelihoods(
