@@ -116,15 +116,14 @@ def _log_likelihoods(
     keep = max(map(len, targets))
     # Each target under the last `keep` columns of the right-aligned rows (-1: none).
     wanted = torch.tensor([[-1] * (keep - len(t)) + t for t in targets])
+    which = torch.tensor(rows)[:, None]
     totals = torch.zeros(len(targets), dtype=torch.float64)
     for first, logits in run.read(feeds, keep):
         columns = logits.shape[1]
         picked = wanted[:, first : first + columns].to(logits.device)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         scores = log_probs[
-            torch.tensor(rows, device=logits.device)[:, None],
-            torch.arange(columns, device=logits.device),
-            picked.clamp(min=0),
+            which.to(logits.device), torch.arange(columns, device=logits.device), picked.clamp(min=0)
         ]
         totals += torch.where(picked >= 0, scores, 0).double().sum(1).cpu()
     return totals.tolist()
@@ -321,8 +320,8 @@ class UniteLM(LM):
         # again for the others.
         chunks: list[tuple[tuple[int, ...], list[int]]] = []
         for tokens in sorted(readers, key=width.__getitem__, reverse=True):
-            tailed = [r for r in readers[tokens] if tails[r]]
-            groups = [tailed[i : i + room(tokens)] for i in range(0, len(tailed), room(tokens))] or [[]]
+            tailed, most = [r for r in readers[tokens] if tails[r]], room(tokens)
+            groups = [tailed[i : i + most] for i in range(0, len(tailed), most)] or [[]]
             groups[0] = [r for r in readers[tokens] if not tails[r]] + groups[0]
             chunks.extend((tokens, group) for group in groups)
         results = [0.0] * len(pairs)
