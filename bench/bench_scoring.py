@@ -5,11 +5,11 @@ Two tiny random models (the Qwen2-style and Llama-style pair of `bench_decode.py
 with `UniteLM.loglikelihood_rolling` (the GSM8K prompt of `unite eval` repeated, a different first word per
 document), once per pass budget: "one pass" reads each batch of rows in a single forward pass, as the
 backend did before passes, a number is `max_pass_tokens`. A scoring pass holds the logits of all its
-positions (tokens x vocabulary, 151936 for the Qwen2 vocabulary) and their log-softmax, which dominate the
-memory. "rows/pass" is how many rows the first model's longest batch reads at once, "passes" how many
-passes that batch takes; "peak MiB" and "vs one pass" are as in `bench_prefill.py`. The scores must be
-the same (they are compared). A second table times multiple-choice requests whose choices share a row
-(`multiple_choice`).
+positions (tokens x vocabulary, 151936 for the Qwen2 vocabulary), which dominate the memory (their
+log-sum-exps are taken `LOGSUMEXP_CHUNK_ELEMENTS` logits at a time). "rows/pass" is how many
+rows the first model's longest batch reads at once, "passes" how many passes that batch takes; "peak MiB"
+and "vs one pass" are as in `bench_prefill.py`. The scores must be the same (they are compared). A second
+table times multiple-choice requests whose choices share a row (`multiple_choice`).
 
     python bench/bench_scoring.py [--device cpu|cuda] [--documents 8] [--copies 2] [--batch-size 8]
                                   [--questions 16] [--budgets 16384 4096 1024] [--repeats 2]

@@ -216,8 +216,9 @@ def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
 ):
     """Requests are batched by length as far as max_pass_tokens allows (a recurrent state must not read
     padding after a row's first token), and one longer than that is read alone in passes of at most that
-    many tokens, its continuation's logits spread over several of them; each score still equals a float64
-    pass over the unpadded sequence, and rolling scores those of one pass."""
+    many tokens, its continuation's logits spread over several of them; log-sum-exps are taken a few
+    positions at a time; each score still equals a float64 pass over the unpadded sequence, and rolling
+    scores those of one pass."""
     if architecture == "gpt2+llama":
         models, tokenizers = (list(side) for side in zip(*members, strict=True))
     else:
@@ -245,6 +246,9 @@ def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
 
     monkeypatch.setattr(unite_ext.decode._ModelBatch, "_pass", spy_pass)
     monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
+    # Log-sum-exps over boxes of a few positions (several rows, or pieces of a row), the last ones short.
+    vocabulary = max(model.config.vocab_size for model in models)
+    monkeypatch.setattr(unite_ext.lm_eval, "LOGSUMEXP_CHUNK_ELEMENTS", 3 * vocabulary)
     ensemble = Ensemble(models, tokenizers, max_pass_tokens=max_pass_tokens)
     lm = UniteLM(ensemble=ensemble, batch_size=3, greedy_check=False)
     pairs = [

@@ -108,6 +108,12 @@ def combine_loglikelihoods(per_model: Sequence[float], weights: Sequence[float])
     return top + math.log(sum(math.exp(t - top) for t in terms))
 
 
+# The log-softmax normaliser (log-sum-exp) is taken over boxes of at most this many logits (positions x
+# vocabulary) at a time, in float32: a pass's logits are not copied whole (16384 positions of a 152k
+# vocabulary are 10 GB in float32).
+LOGSUMEXP_CHUNK_ELEMENTS = 1 << 24
+
+
 def _log_likelihoods(
     run: _ModelBatch, feeds: list[list[int]], rows: list[int], targets: list[list[int]]
 ) -> list[float]:
@@ -116,16 +122,26 @@ def _log_likelihoods(
     keep = max(map(len, targets))
     # Each target under the last `keep` columns of the right-aligned rows (-1: none).
     wanted = torch.tensor([[-1] * (keep - len(t)) + t for t in targets])
-    which = torch.tensor(rows)[:, None]
+    which = torch.tensor(rows)
     totals = torch.zeros(len(targets), dtype=torch.float64)
     for first, logits in run.read(feeds, keep):
-        columns = logits.shape[1]
-        picked = wanted[:, first : first + columns].to(logits.device)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        scores = log_probs[
-            which.to(logits.device), torch.arange(columns, device=logits.device), picked.clamp(min=0)
-        ]
-        totals += torch.where(picked >= 0, scores, 0).double().sum(1).cpu()
+        batch, columns, vocabulary = logits.shape
+        # Boxes of whole rows when a row fits in one, else of pieces of a row: views, not copies.
+        positions = max(1, LOGSUMEXP_CHUNK_ELEMENTS // vocabulary)
+        box_rows, box_columns = max(1, positions // columns), min(columns, positions)
+        normaliser = torch.empty(batch, columns, device=logits.device)
+        for row in range(0, batch, box_rows):
+            for column in range(0, columns, box_columns):
+                box = (slice(row, row + box_rows), slice(column, column + box_columns))
+                normaliser[box] = logits[box].float().logsumexp(-1)
+        picked = wanted[:, first : first + columns]
+        of_target, of_column = (picked >= 0).nonzero(as_tuple=True)
+        # Target, row, column and token of every scored position, moved to the logits' device at once.
+        scored = torch.stack([of_target, which[of_target], of_column, picked[of_target, of_column]])
+        target, row, column, token = scored.to(logits.device)
+        scores = logits[row, column, token].float() - normaliser[row, column]
+        pass_totals = torch.zeros(len(targets), dtype=torch.float64, device=logits.device)
+        totals += pass_totals.index_add_(0, target, scores.double()).cpu()
     return totals.tolist()
 
 
