@@ -1,13 +1,15 @@
-"""Memory and time of reading long prompts in one forward pass or in several (`max_pass_tokens`).
+"""Memory and time of reading long prompts in one forward pass or in several (`max_pass_tokens`), and of
+reading a batch's common prefix once.
 
 Two tiny random models (the Qwen2-style and Llama-style pair of `bench_decode.py`, wider by default)
-read a batch of long prompts (the GSM8K prompt of `unite eval` repeated) and decode a few tokens, once per
-pass budget: "one pass" reads every prompt in a single forward pass, a number is `max_pass_tokens`.
-"passes" is how many forward passes the first model's prompts took; "peak MiB" is the most memory the
-run took above what it held when it began (CPU: the process's resident memory, its peak reset before each
-run; CUDA: the allocator's peak), so it counts the activations and attention masks of the passes, not the
-weights; "vs one pass" is the median over runs of a run's time to the one-pass run made next to it. The
-texts must be the same (they are compared).
+read a batch of long prompts (the GSM8K prompt of `unite eval` repeated, a different first word per row,
+so that no row shares a prefix with another) and decode a few tokens, once per pass budget: "one pass"
+reads every prompt in a single forward pass, a number is `max_pass_tokens`. "passes" is how many forward
+passes the first model's prompts took; "peak MiB" is the most memory the run took above what it held
+when it began (CPU: the process's resident memory, its peak reset before each run; CUDA: the allocator's
+peak), so it counts the activations and attention masks of the passes, not the weights; "vs one pass" is
+the median over runs of a run's time to the one-pass run made next to it. The texts must be the same
+(they are compared). A second table times few-shot prompts (`common_prefix`).
 
     python bench/bench_prefill.py [--device cpu|cuda] [--batch-sizes 1 8 32] [--copies 4]
                                   [--budgets 16384 4096 1024] [--new-tokens 4] [--repeats 3]
@@ -22,15 +24,17 @@ import functools
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+from unittest import mock
 
 import torch
 from bench_decode import PROMPTS, build_models, load_tokenizers, synchronize, versus
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from unite_ext.decode import Ensemble
+import unite_ext.decode
+from unite_ext.decode import SHARED_PREFIX_MIN_SAVING, Ensemble, _ModelBatch
 
 ONE_PASS = 1 << 40  # a budget no batch reaches
 T = TypeVar("T")
@@ -104,8 +108,8 @@ def main() -> None:
         model.config.max_position_embeddings = 1 << 15  # RoPE reaches past the tiny configs' 1024
     budgets = [ONE_PASS, *args.budgets]
     ensembles = {budget: Ensemble(models, toks, max_pass_tokens=budget) for budget in budgets}
-    # Rows that differ in their last words.
-    prompts = [f"{PROMPTS['gsm8k'] * args.copies} {n}" for n in range(max(args.batch_sizes))]
+    # Rows that differ in their first words.
+    prompts = [f"{n}. {PROMPTS['gsm8k'] * args.copies}" for n in range(max(args.batch_sizes))]
     ensembles[ONE_PASS].generate(prompts[:1], max_new_tokens=2, progress=False)  # warm-up
     width = max(len(toks[0](p)["input_ids"]) for p in prompts)
     print(
@@ -143,6 +147,60 @@ def main() -> None:
             print(
                 f"{batch:>5} {name:>9} {passes:>6} | {statistics.median(times[budget]):>7.3f} {change:>11} "
                 f"{statistics.median(peaks[budget]) / 2**20:>9.0f}"
+            )
+    common_prefix(args, models, toks)
+
+
+def common_prefix(
+    args: argparse.Namespace, models: list[PreTrainedModel], toks: list[PreTrainedTokenizerBase]
+) -> None:
+    """Few-shot prompts: the repeated GSM8K prompt, then a question of a few tokens per row. "once" reads
+    their common prefix once, in a row of its own whose cache every row copies (`_new_batch`), "per row"
+    reads every prompt whole (`SHARED_PREFIX_MIN_SAVING` out of reach), at the default pass budget;
+    "tokens" is what the first model read, "vs per row" as "vs one pass" above."""
+    prompts = [
+        f"{PROMPTS['gsm8k'] * args.copies} Question {n}: how many?" for n in range(max(args.batch_sizes))
+    ]
+    ensemble = Ensemble(models, toks)
+    counts = {"tokens": 0}
+    read = _ModelBatch.read
+
+    def counted(run: _ModelBatch, feeds: list[list[int]], keep: int) -> Iterator[tuple[int, torch.Tensor]]:
+        if run.member.index == 0:
+            counts["tokens"] += sum(map(len, feeds))
+        return read(run, feeds, keep)
+
+    least_saving = {"once": SHARED_PREFIX_MIN_SAVING, "per row": ONE_PASS}
+    print(f"\nfew-shot prompts, {args.new_tokens} new tokens")
+    header = f"{'batch':>5} {'prefix':>7} | {'tokens':>7} {'s/run':>7} {'vs per row':>10} {'peak MiB':>9}"
+    print(header, "-" * len(header), sep="\n")
+    for batch in args.batch_sizes:
+        times: dict[str, list[float]] = {name: [] for name in least_saving}
+        peaks: dict[str, list[int]] = {name: [] for name in least_saving}
+        texts, tokens = {}, {}
+        for _ in range(args.repeats):
+            for name, saving in least_saving.items():
+                counts["tokens"] = 0
+                run = functools.partial(
+                    ensemble.generate,
+                    prompts[:batch],
+                    max_new_tokens=args.new_tokens,
+                    batch_size=batch,
+                    progress=False,
+                )
+                with (
+                    mock.patch.object(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", saving),
+                    mock.patch.object(_ModelBatch, "read", counted),
+                ):
+                    seconds, most, texts[name] = measured(run, args.device)
+                times[name].append(seconds)
+                peaks[name].append(most)
+                tokens[name] = counts["tokens"]
+        for name in least_saving:
+            assert texts[name] == texts["per row"], "reading the common prefix once changed the texts"
+            print(
+                f"{batch:>5} {name:>7} | {tokens[name]:>7} {statistics.median(times[name]):>7.3f} "
+                f"{versus(times, name, 'per row'):>10} {statistics.median(peaks[name]) / 2**20:>9.0f}"
             )
 
 

@@ -31,7 +31,8 @@ from bench_prefill import ONE_PASS, add_model_options, measured, tiny_pair
 from lm_eval.api.instance import Instance
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from unite_ext.decode import Ensemble, _ModelBatch
+import unite_ext.decode
+from unite_ext.decode import SHARED_PREFIX_MIN_SAVING, Ensemble, _ModelBatch
 from unite_ext.lm_eval import UniteLM
 
 
@@ -115,9 +116,11 @@ def multiple_choice(
     """Questions of four choices after the GSM8K prompt (a different last word each): "shared" are the
     harness's requests, which read their context once (one-token choices share its row outright, longer
     ones read their other tokens from copies of its cache) and share the is_greedy generation of a choice
-    length; "distinct" gives each choice's context a different first word, so that every request reads
-    its whole text and generates on its own, as every request did before. "rows" and "tokens" are what
-    the first model read."""
+    length, and whose batches read the GSM8K prompt, their common prefix, once; "no prefix" are the same
+    requests with each context read whole (`SHARED_PREFIX_MIN_SAVING` out of reach); "distinct" starts
+    each choice's context with a mark of its own ("(A3) "), so that every request reads its whole text
+    and generates on its own, as every request did before contexts were shared. "rows" and "tokens" are
+    what the first model read."""
     counts = {"rows": 0, "tokens": 0}
     read = _ModelBatch.read
 
@@ -131,19 +134,26 @@ def multiple_choice(
     cases = [("one token", False), ("one token", True), ("several", False)]
     print(f"\n{args.questions} questions of 4 choices, batch size {args.batch_size}")
     header = (
-        f"{'choices':>9} {'is_greedy':>9} {'requests':>8} | {'rows':>5} {'tokens':>7} {'s/run':>7} "
+        f"{'choices':>9} {'is_greedy':>9} {'requests':>9} | {'rows':>5} {'tokens':>7} {'s/run':>7} "
         f"{'vs distinct':>11}"
     )
     print(header, "-" * len(header), sep="\n")
     for kind, greedy in cases:
         lm = UniteLM(ensemble=ensemble, batch_size=args.batch_size, greedy_check=greedy)
+        setups = {  # the mark that starts each choice's context, and SHARED_PREFIX_MIN_SAVING
+            "shared": ([""] * 4, SHARED_PREFIX_MIN_SAVING),
+            "no prefix": ([""] * 4, ONE_PASS),
+            "distinct": (["(A{n}) ", "(B{n}) ", "(C{n}) ", "(D{n}) "], SHARED_PREFIX_MIN_SAVING),
+        }
         workloads = {
             name: [
-                Instance("loglikelihood", {}, (f"{mark}{PROMPTS['gsm8k']} {n}\nAnswer:", choice), 0)
+                Instance(
+                    "loglikelihood", {}, (f"{mark.format(n=n)}{PROMPTS['gsm8k']} {n}\nAnswer:", choice), 0
+                )
                 for n in range(args.questions)
                 for mark, choice in zip(marks, CHOICES[kind], strict=True)
             ]
-            for name, marks in (("shared", [""] * 4), ("distinct", ["(A) ", "(B) ", "(C) ", "(D) "]))
+            for name, (marks, _) in setups.items()
         }
         times: dict[str, list[float]] = {name: [] for name in workloads}
         read_counts = {}
@@ -152,12 +162,13 @@ def multiple_choice(
                 for name, requests in workloads.items():
                     counts.update(rows=0, tokens=0)
                     run = functools.partial(lm.loglikelihood, requests, disable_tqdm=True)
-                    seconds, _, _ = measured(run, args.device)
+                    with mock.patch.object(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", setups[name][1]):
+                        seconds, _, _ = measured(run, args.device)
                     times[name].append(seconds)
                     read_counts[name] = dict(counts)
         for name in workloads:
             print(
-                f"{kind:>9} {'yes' if greedy else 'no':>9} {name:>8} | {read_counts[name]['rows']:>5} "
+                f"{kind:>9} {'yes' if greedy else 'no':>9} {name:>9} | {read_counts[name]['rows']:>5} "
                 f"{read_counts[name]['tokens']:>7} {statistics.median(times[name]):>7.3f} "
                 f"{versus(times, name, 'distinct'):>11}"
             )

@@ -99,24 +99,59 @@ def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, monkeypatch, m
 
 
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_prompts_read_their_common_prefix_once(toy_tokenizers, monkeypatch, model_type: str) -> None:
+    """Prompts with a common prefix (a few-shot prompt) read it once, in a row of its own whose cache every
+    row then copies, in a new batch and in the rows that join it; every row's logits at every step equal
+    a fresh pass over its tokens."""
+    toks, models = tiny_pair(toy_tokenizers, monkeypatch, model_type, seed=70)
+    monkeypatch.setattr(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", 1)
+    shared: list[bool] = []  # per new batch of every model: whether its rows read a common prefix once
+    new_batch = unite_ext.decode._new_batch
+
+    def spy_new_batch(member, prompts: list[list[int]], *args):
+        run, feeds = new_batch(member, prompts, *args)
+        shared.append(feeds != prompts)
+        return run, feeds
+
+    advance = unite_ext.decode._Row.advance
+
+    def staggered(row: unite_ext.decode._Row, token: bytes | None, stops: list[bytes], most: int) -> None:
+        advance(row, token, stops, min(most, 8 + 3 * row.index))  # rows end at steps 8, 11, ..., 23
+
+    monkeypatch.setattr(unite_ext.decode, "_new_batch", spy_new_batch)
+    monkeypatch.setattr(unite_ext.decode._Row, "advance", staggered)
+    ensemble = Ensemble(models, toks, k=4, sync="exact", max_pass_tokens=6)
+    recorder = Recorder(keep_logits=True)
+    prompts = [f"{PROMPTS[3]} {end}" for end in [*PROMPTS, "Yes", "No, twice"]]
+    ensemble.generate(
+        prompts, max_new_tokens=24, do_sample=True, seed=0, batch_size=4, on_step=recorder, progress=False
+    )
+    assert shared.count(True) == 2 * len(models)  # the first 4 rows, then 2 that join them
+    steps_with_slots_between_tokens(recorder, models, "cpu")
+    assert any(min(trace.steps) == 0 < max(trace.steps) for trace in recorder.traces)  # rows joined
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_scoring_gives_unpadded_log_likelihoods(toy_tokenizers, monkeypatch, model_type: str) -> None:
     """The lm-eval backend's scoring: each context is read once, in passes of 6 tokens, and the choices of
     several tokens read their rest in rows of their own from copies of its cache (masked slots between a
-    row's tokens); every score equals a float64 pass over the request's own tokens."""
+    row's tokens); contexts with a common prefix, in one batch, read it once and their rests from copies
+    of its cache. Every score equals a float64 pass over the request's own tokens."""
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
     from unite_ext.lm_eval import UniteLM, combine_loglikelihoods
 
     toks, models = tiny_pair(toy_tokenizers, monkeypatch, model_type, seed=60)
+    monkeypatch.setattr(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", 1)
     ensemble = Ensemble(models, toks, max_pass_tokens=6)
     lm = UniteLM(ensemble=ensemble, batch_size=4, greedy_check=False)
-    pairs = [
-        (context, choice)
-        for context in (PROMPTS[0], PROMPTS[3])
-        for choice in (" a", " Paris, and then Lyon", " 42 more lines")
-    ]
-    values = lm.loglikelihood([Instance("loglikelihood", {}, pair, 0) for pair in pairs])
+    prefixed = UniteLM(ensemble=Ensemble(models, toks), batch_size=6, greedy_check=False)
+    contexts = [PROMPTS[0], PROMPTS[3]]
+    contexts += [f"{PROMPTS[3]} {PROMPTS[0]}{end}" for end in (" Paris", " not Lyon, 42")]  # a common prefix
+    pairs = [(c, choice) for c in contexts for choice in (" a", " Paris, and then Lyon", " 42 more lines")]
+    values = lm.loglikelihood([Instance("loglikelihood", {}, pair, 0) for pair in pairs[:6]])
+    values += prefixed.loglikelihood([Instance("loglikelihood", {}, pair, 0) for pair in pairs[6:]])
     for (context, choice), (value, _) in zip(pairs, values, strict=True):
         scores = [
             reference_loglikelihood(

@@ -60,6 +60,20 @@ def request(kind: str, *args) -> Instance:
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
 
+def reference_value(ensemble: Ensemble, context: str, continuation: str) -> float:
+    """The ensemble's log-likelihood of `continuation` after `context`, from float64 passes over each
+    model's own unpadded tokens (the context as a prompt, the continuation as mid-text)."""
+    scores = [
+        reference_loglikelihood(
+            member.model,
+            member.tokenizer(context)["input_ids"],
+            ensemble.tables.encode_mid_text(i, continuation.encode()),
+        )
+        for i, member in enumerate(ensemble.members)
+    ]
+    return combine_loglikelihoods(scores, ensemble.weights)
+
+
 def test_combine_loglikelihoods_by_hand():
     assert combine_loglikelihoods([math.log(0.2), math.log(0.6)], [0.5, 0.5]) == pytest.approx(math.log(0.4))
     assert combine_loglikelihoods([math.log(0.2), math.log(0.6)], [0.25, 0.75]) == pytest.approx(
@@ -209,6 +223,17 @@ SCORING_CASES = [
 ]
 
 
+def scoring_models(members, architecture: str, overrides: dict) -> tuple[list, list]:
+    """The models and tokenizers of a SCORING_CASES case (skipped where transformers refuses it)."""
+    if architecture == "gpt2+llama":
+        return [model for model, _ in members], [tokenizer for _, tokenizer in members]
+    if architecture in RECURRENT_OVERRIDES and not _decodes_recurrent(architecture):
+        pytest.skip(f"transformers {transformers.__version__} is too old for {architecture} (refused)")
+    _, tokenizer = members[0]
+    maker = tiny_auto_model if architecture in RECURRENT_OVERRIDES else tiny_model_for_tokenizer
+    return [maker(architecture, tokenizer, seed=9, **overrides)], [tokenizer]
+
+
 @pytest.mark.parametrize("max_pass_tokens", [1, 3, 7, 40])
 @pytest.mark.parametrize(("architecture", "overrides"), SCORING_CASES)
 def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
@@ -219,14 +244,7 @@ def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
     many tokens, its continuation's logits spread over several of them; log-sum-exps are taken a few
     positions at a time; each score still equals a float64 pass over the unpadded sequence, and rolling
     scores those of one pass."""
-    if architecture == "gpt2+llama":
-        models, tokenizers = (list(side) for side in zip(*members, strict=True))
-    else:
-        if architecture in RECURRENT_OVERRIDES and not _decodes_recurrent(architecture):
-            pytest.skip(f"transformers {transformers.__version__} is too old for {architecture} (refused)")
-        _, tokenizer = members[0]
-        maker = tiny_auto_model if architecture in RECURRENT_OVERRIDES else tiny_model_for_tokenizer
-        models, tokenizers = [maker(architecture, tokenizer, seed=9, **overrides)], [tokenizer]
+    models, tokenizers = scoring_models(members, architecture, overrides)
     passes: list[tuple[int, int, int]] = []  # rows, columns and positions with logits, of every pass
     read = unite_ext.decode._ModelBatch._pass
 
@@ -269,11 +287,7 @@ def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
     if max_pass_tokens < 40:
         assert max(yields) > 1  # a long continuation's logits come from several passes
     for (context, continuation), (value, _) in zip(pairs, values, strict=True):
-        scores = []
-        for i, (model, tokenizer) in enumerate(zip(models, tokenizers, strict=True)):
-            continuation_ids = ensemble.tables.encode_mid_text(i, continuation.encode())
-            scores.append(reference_loglikelihood(model, tokenizer(context)["input_ids"], continuation_ids))
-        assert value == pytest.approx(combine_loglikelihoods(scores, ensemble.weights), abs=1e-4)
+        assert value == pytest.approx(reference_value(ensemble, context, continuation), abs=1e-4)
     text = [request("loglikelihood_rolling", " ".join(SAMPLE_TEXTS)[:200])]
     one_pass = Ensemble(models, tokenizers)
     assert UniteLM(ensemble=ensemble, max_length=48).loglikelihood_rolling(text) == pytest.approx(
@@ -324,13 +338,54 @@ def test_choices_read_their_context_once_and_share_a_generation(members, monkeyp
     flags = lm.greedy_flags(pairs)  # one generation per context and choice length in bytes
     assert sorted(generated) == sorted(contexts * len({len(choice.encode()) for choice in choices}))
     for (context, choice), (value, _), greedy in zip(pairs, values, flags, strict=True):
-        scores = []
-        for i, (model, tokenizer) in enumerate(members):
-            choice_ids = ensemble.tables.encode_mid_text(i, choice.encode())
-            scores.append(reference_loglikelihood(model, tokenizer(context)["input_ids"], choice_ids))
-        assert value == pytest.approx(combine_loglikelihoods(scores, ensemble.weights), abs=1e-4)
+        assert value == pytest.approx(reference_value(ensemble, context, choice), abs=1e-4)
         own = ensemble.generate([context], max_new_tokens=len(choice.encode()), progress=False)[0].text
         assert greedy == own.startswith(choice)
+
+
+@pytest.mark.parametrize("min_saving", [1, 10**9])
+@pytest.mark.parametrize(("architecture", "overrides"), SCORING_CASES)
+def test_rows_read_their_common_prefix_once(
+    members, monkeypatch, architecture: str, overrides: dict, min_saving: int
+):
+    """The rows of a batch that share a prefix (a few-shot prompt) read it once, in a row of its own whose
+    cache every row then copies, when that saves SHARED_PREFIX_MIN_SAVING token reads or more; each row
+    then reads its rest, and a longer choice its tail after that. A model that reads a row's tokens
+    without masked slots between them (recurrent) reads every request whole. Every score equals a float64
+    pass over the request's own unpadded tokens."""
+    models, tokenizers = scoring_models(members, architecture, overrides)
+    monkeypatch.setattr(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", min_saving)
+    reads: dict[int, list[list[int]]] = defaultdict(list)  # model -> the rows of every read
+    read = unite_ext.decode._ModelBatch.read
+
+    def spy_read(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int):
+        reads[run.member.index].extend(feeds)
+        return read(run, feeds, keep)
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
+    ensemble = Ensemble(models, tokenizers)
+    lm = UniteLM(ensemble=ensemble, batch_size=6, greedy_check=False)  # one batch: 3 rows and their tails
+    shots = SAMPLE_TEXTS[0] + "\nQ: What is 2 + 3?\nA: 5\n"
+    contexts = [f"{shots}Q: {question}\nA:" for question in ("What is 1 + 1?", "Name a colour.", "Why?")]
+    choices = [" 2", " blue and green"]
+    pairs = [(context, choice) for context in contexts for choice in choices]
+    values = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
+    for i, tokenizer in enumerate(tokenizers):
+        rows = [tokenizer(context)["input_ids"] for context in contexts]
+        shared = min(map(len, rows)) - 1
+        while any(row[:shared] != rows[0][:shared] for row in rows):
+            shared -= 1
+        encoded = [ensemble.tables.encode_mid_text(i, choice.encode()) for choice in choices]
+        tails = [ids[:-1] for ids in encoded if len(ids) > 1] * len(contexts)
+        if models[i].config.model_type in RECURRENT_OVERRIDES:  # every request read whole, once
+            expected = [row + ids[:-1] for row in rows for ids in encoded]
+        elif min_saving <= (len(rows) - 1) * shared:
+            expected = [rows[0][:shared]] + [row[shared:] for row in rows] + tails
+        else:
+            expected = rows + tails
+        assert sorted(reads[i]) == sorted(expected)
+    for (context, choice), (value, _) in zip(pairs, values, strict=True):
+        assert value == pytest.approx(reference_value(ensemble, context, choice), abs=1e-4)
 
 
 def test_max_pass_tokens_reaches_the_ensemble(members, tmp_path):

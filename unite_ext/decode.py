@@ -706,6 +706,33 @@ class _ModelBatch:
         self.length -= first
 
 
+# The rows of a new batch read their common prefix (a few-shot prompt) once, in a row of its own whose
+# cache every row then copies, when that saves at least this many token reads: on a GPU the extra pass
+# costs at least a read of the weights, about what a few hundred tokens of a batched pass cost.
+SHARED_PREFIX_MIN_SAVING = 256
+
+
+def _new_batch(
+    member: _Member, prompts: list[list[int]], stream: torch.cuda.Stream | None, max_pass_tokens: int
+) -> tuple[_ModelBatch, list[list[int]]]:
+    """A batch of `prompts` for `member`, and what each row has left to read: their common prefix (at most
+    all but each prompt's last token) already read and copied to every row when that saves
+    SHARED_PREFIX_MIN_SAVING token reads or more and the model may read masked slots between a row's
+    tokens (the shorter rests are padded on the left); else nothing read."""
+    shared = min(map(len, prompts)) - 1
+    for prompt in prompts[1:]:
+        shared = next((i for i in range(shared) if prompt[i] != prompts[0][i]), shared)
+    if member.one_row_reason is not None or (len(prompts) - 1) * shared < SHARED_PREFIX_MIN_SAVING:
+        return _ModelBatch(member, prompts, stream, max_pass_tokens), prompts
+    run = _ModelBatch(member, [prompts[0][:shared]], stream, max_pass_tokens)
+    with _on_stream(stream):
+        for _ in run.read(run.prompts, 1):
+            pass  # the prefix's logits predict nothing needed
+        run.keep_rows([0] * len(prompts))
+    run.prompts, run.continuations = prompts, [Continuation() for _ in prompts]  # rows of their own
+    return run, [prompt[shared:] for prompt in prompts]
+
+
 @dataclass
 class _Row:
     """One prompt's progress."""
@@ -1077,17 +1104,18 @@ class Ensemble:
         runs: list[_ModelBatch] = []
         feeds: list[list[list[int]]] = []
         while True:
-            joining: list[_ModelBatch] = []
+            joining: list[tuple[_ModelBatch, list[list[int]]]] = []  # each model's new batch, its feeds
             if waiting and len(rows) <= batch_size // 2:
                 newcomers = [waiting.popleft() for _ in range(min(len(waiting), batch_size - len(rows)))]
                 joining = [
-                    _ModelBatch(
+                    _new_batch(
                         m, [row.prompt_ids[m.index] for row in newcomers], stream, self.max_pass_tokens
                     )
                     for m, stream in zip(self.members, streams, strict=True)
                 ]
                 if not rows:  # a new batch
-                    runs, feeds, joining = joining, [run.prompts for run in joining], []
+                    runs, feeds = [run for run, _ in joining], [feed for _, feed in joining]
+                    joining = []
                 rows += newcomers
             if not rows:
                 return
@@ -1118,16 +1146,20 @@ class Ensemble:
             rows, feeds = _drop_finished(runs, rows, by_model, bar)
 
     def _join(
-        self, runs: list[_ModelBatch], joining: list[_ModelBatch], logits: list[Tensor]
+        self,
+        runs: list[_ModelBatch],
+        joining: list[tuple[_ModelBatch, list[list[int]]]],
+        logits: list[Tensor],
     ) -> list[Tensor]:
-        """The batches in `joining` read their rows' prompts and join `runs`, batch by batch; returns every
-        model's logits for the rows of `runs` (`logits`) then for theirs.
+        """The batches in `joining` read what their rows' prompts have left to read (each with its feeds,
+        from `_new_batch`) and join `runs`, batch by batch; returns every model's logits for the rows of
+        `runs` (`logits`) then for theirs.
 
         Rows that join a batch as others finish keep it full: a step costs a GPU about the same for one row
         as for many, and a batch left to its longest row would run its last steps with few rows.
         """
-        added = self._forward(joining, [run.prompts for run in joining])
-        for run, newcomers in zip(runs, joining, strict=True):
+        added = self._forward([run for run, _ in joining], [feed for _, feed in joining])
+        for run, (newcomers, _) in zip(runs, joining, strict=True):
             with _on_stream(run.stream):
                 run.join(newcomers)
         return [torch.cat([old, new]) for old, new in zip(logits, added, strict=True)]

@@ -34,7 +34,8 @@ How requests are answered:
   ``is_greedy`` says whether the ensemble's greedy generation from the context starts with the
   continuation (one short generation per context and continuation length; ``greedy_check=False`` skips
   it and reports False). Requests with the same context (a multiple-choice question's choices) read it
-  once (``UniteLM.score_tokens``).
+  once, and the contexts of a batch read their common prefix (a few-shot prompt) once
+  (``UniteLM.score_tokens``).
 - ``loglikelihood_rolling``: each model's log-likelihood of the whole text (in windows of its maximum
   length, after its BOS, or EOS when it has no BOS), combined the same way.
 
@@ -75,7 +76,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "unite_ext.lm_eval needs lm-evaluation-harness: pip install lm_eval (or unite_ext[lm_eval])"
     ) from error
 
-from unite_ext.decode import _ModelBatch, context_length, render_chat
+from unite_ext.decode import _ModelBatch, _new_batch, context_length, render_chat
 from unite_ext.model_spec import ModelSpec, build_ensemble, load_spec, uses_chat
 
 logger = logging.getLogger(__name__)
@@ -300,13 +301,14 @@ class UniteLM(LM):
         its own, from a copy of that row's cache (masked slots pad the copies' tails on the left). A model
         that must read a row's tokens without masked slots between them (``one_row_reason``: recurrent
         layers, slot-distance biases) reads each request's tokens in one row instead (requests reading
-        the same tokens still share it). Rows are left-padded and batched by the longest request they
-        serve, ``batch_size`` rows at a time, with at most as many tails (a context with more is read
-        again for the others), or fewer where more would exceed the ensemble's ``max_pass_tokens``; a
-        longer one is read alone in passes of that many tokens (``_ModelBatch.read``), so no row read in
-        one piece has padding after its first token. One pass's activations and logits
-        (``max_pass_tokens`` x vocabulary) bound the memory, and a batch's cache copies hold about that
-        many tokens.
+        the same tokens still share it). The rows of a batch read their common prefix (a few-shot prompt)
+        once where that pays (``unite_ext.decode._new_batch``). Rows are left-padded and batched by the
+        longest request they serve, ``batch_size`` rows at a time, with at most as many tails (a context
+        with more is read again for the others), or fewer where more would exceed the ensemble's
+        ``max_pass_tokens``; a longer one is read alone in passes of that many tokens
+        (``_ModelBatch.read``), so no row read in one piece has padding after its first token. One pass's
+        activations and logits (``max_pass_tokens`` x vocabulary) bound the memory, and a batch's cache
+        copies hold about that many tokens.
         """
         member = self.members[index]
         limit = self.model_max_length(member)
@@ -353,10 +355,10 @@ class UniteLM(LM):
                         break
                     batch.append(order.popleft())
                     tailed += more
-                run = _ModelBatch(member, [list(tokens) for tokens, _ in batch], None, budget)
+                run, feeds = _new_batch(member, [list(tokens) for tokens, _ in batch], None, budget)
                 firsts = [(r, row) for row, (_, requests) in enumerate(batch) for r in requests]
                 targets = [pairs[r][1][: len(pairs[r][1]) - len(tails[r])] for r, _ in firsts]
-                scores = _log_likelihoods(run, run.prompts, [row for _, row in firsts], targets)
+                scores = _log_likelihoods(run, feeds, [row for _, row in firsts], targets)
                 for (r, _), score in zip(firsts, scores, strict=True):
                     results[r] = score
                 followers = [(r, row) for r, row in firsts if tails[r]]
