@@ -1049,7 +1049,8 @@ class Ensemble:
             seed: seed of the sampling random numbers; None uses torch's global generator.
             batch_size: rows decoded together; waiting rows join a batch once at most half of it is left.
                 Default 8; 1 (with a warning) for models that decode one row at a time (recurrent layers,
-                MPT).
+                MPT). The rows of a new batch, or those joining one, read their common prefix (a few-shot
+                prompt) once where that pays (`_new_batch`).
             stream: called as stream(row_index, text_delta) whenever a row's text grows.
             on_step: called with a `StepTrace` before every ensemble step (inspection; it must not
                 modify what it is given).
