@@ -19,6 +19,7 @@ the median over runs of a run's time to the one-pass run made next to it. The te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import re
@@ -68,6 +69,23 @@ def measured(run: Callable[[], T], device: str) -> tuple[float, int, T]:
     result = run()
     synchronize(device)
     return time.perf_counter() - start, peak(device) - held, result
+
+
+@contextlib.contextmanager
+def counting_reads() -> Iterator[dict[str, int]]:
+    """`_ModelBatch.read` patched to count, in the dict it gives, the rows and tokens the first model
+    reads."""
+    counts = {"rows": 0, "tokens": 0}
+    read = _ModelBatch.read
+
+    def counted(run: _ModelBatch, feeds: list[list[int]], keep: int) -> Iterator[tuple[int, torch.Tensor]]:
+        if run.member.index == 0:
+            counts["rows"] += len(feeds)
+            counts["tokens"] += sum(map(len, feeds))
+        return read(run, feeds, keep)
+
+    with mock.patch.object(_ModelBatch, "read", counted):
+        yield counts
 
 
 def add_model_options(parser: argparse.ArgumentParser, repeats: int) -> None:
@@ -162,14 +180,6 @@ def common_prefix(
         f"{PROMPTS['gsm8k'] * args.copies} Question {n}: how many?" for n in range(max(args.batch_sizes))
     ]
     ensemble = Ensemble(models, toks)
-    counts = {"tokens": 0}
-    read = _ModelBatch.read
-
-    def counted(run: _ModelBatch, feeds: list[list[int]], keep: int) -> Iterator[tuple[int, torch.Tensor]]:
-        if run.member.index == 0:
-            counts["tokens"] += sum(map(len, feeds))
-        return read(run, feeds, keep)
-
     least_saving = {"once": SHARED_PREFIX_MIN_SAVING, "per row": ONE_PASS}
     print(f"\nfew-shot prompts, {args.new_tokens} new tokens")
     header = f"{'batch':>5} {'prefix':>7} | {'tokens':>7} {'s/run':>7} {'vs per row':>10} {'peak MiB':>9}"
@@ -180,7 +190,6 @@ def common_prefix(
         texts, tokens = {}, {}
         for _ in range(args.repeats):
             for name, saving in least_saving.items():
-                counts["tokens"] = 0
                 run = functools.partial(
                     ensemble.generate,
                     prompts[:batch],
@@ -190,7 +199,7 @@ def common_prefix(
                 )
                 with (
                     mock.patch.object(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", saving),
-                    mock.patch.object(_ModelBatch, "read", counted),
+                    counting_reads() as counts,
                 ):
                     seconds, most, texts[name] = measured(run, args.device)
                 times[name].append(seconds)

@@ -9,31 +9,33 @@ positions (tokens x vocabulary, 151936 for the Qwen2 vocabulary), which dominate
 log-sum-exps are taken `LOGSUMEXP_CHUNK_ELEMENTS` logits at a time). "rows/pass" is how many
 rows the first model's longest batch reads at once, "passes" how many passes that batch takes; "peak MiB"
 and "vs one pass" are as in `bench_prefill.py`. The scores must be the same (they are compared). A second
-table times multiple-choice requests whose choices share a row (`multiple_choice`).
+table times multiple-choice requests whose choices share a row and whose batches share a few-shot prompt
+(`multiple_choice`), a third questions of several few-shot prompts (`subjects`).
 
     python bench/bench_scoring.py [--device cpu|cuda] [--documents 8] [--copies 2] [--batch-size 8]
-                                  [--questions 16] [--budgets 16384 4096 1024] [--repeats 2]
+                                  [--questions 16] [--subjects 4] [--budgets 16384 4096 1024] [--repeats 2]
                                   [--hidden-size 256] [--layers 2] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import statistics
-from collections.abc import Iterator
 from unittest import mock
 
 import torch
 from bench_decode import PROMPTS, versus
-from bench_prefill import ONE_PASS, add_model_options, measured, tiny_pair
+from bench_prefill import ONE_PASS, add_model_options, counting_reads, measured, tiny_pair
 from lm_eval.api.instance import Instance
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import unite_ext.decode
-from unite_ext.decode import SHARED_PREFIX_MIN_SAVING, Ensemble, _ModelBatch
-from unite_ext.lm_eval import UniteLM
+import unite_ext.lm_eval
+from unite_ext.decode import SHARED_PREFIX_MIN_SAVING, Ensemble
+from unite_ext.lm_eval import PREFIX_GROUP_TOKENS, UniteLM
 
 
 def main() -> None:
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=2, help="copies of the GSM8K prompt per document")
     parser.add_argument("--batch-size", type=int, default=8, help="UniteLM batch_size")
     parser.add_argument("--questions", type=int, default=16, help="multiple-choice questions")
+    parser.add_argument("--subjects", type=int, default=4, help="few-shot prompts among the questions")
     parser.add_argument(
         "--budgets", type=int, nargs="+", default=[16384, 4096, 1024], help="max_pass_tokens values"
     )
@@ -96,6 +99,7 @@ def main() -> None:
             f"{versus(times, budget, ONE_PASS):>11} {statistics.median(peaks[budget]) / 2**20:>9.0f}"
         )
     multiple_choice(args, models, toks)
+    subjects(args, models, toks)
 
 
 # Choices of one token each (as MMLU's) and of several (as ARC's or HellaSwag's).
@@ -121,15 +125,6 @@ def multiple_choice(
     each choice's context with a mark of its own ("(A3) "), so that every request reads its whole text
     and generates on its own, as every request did before contexts were shared. "rows" and "tokens" are
     what the first model read."""
-    counts = {"rows": 0, "tokens": 0}
-    read = _ModelBatch.read
-
-    def counted(run: _ModelBatch, feeds: list[list[int]], keep: int) -> Iterator[tuple[int, torch.Tensor]]:
-        if run.member.index == 0:
-            counts["rows"] += len(feeds)
-            counts["tokens"] += sum(map(len, feeds))
-        return read(run, feeds, keep)
-
     ensemble = Ensemble(models, toks)
     cases = [("one token", False), ("one token", True), ("several", False)]
     print(f"\n{args.questions} questions of 4 choices, batch size {args.batch_size}")
@@ -146,32 +141,86 @@ def multiple_choice(
             "distinct": (["(A{n}) ", "(B{n}) ", "(C{n}) ", "(D{n}) "], SHARED_PREFIX_MIN_SAVING),
         }
         workloads = {
-            name: [
-                Instance(
-                    "loglikelihood", {}, (f"{mark.format(n=n)}{PROMPTS['gsm8k']} {n}\nAnswer:", choice), 0
-                )
-                for n in range(args.questions)
-                for mark, choice in zip(marks, CHOICES[kind], strict=True)
-            ]
-            for name, (marks, _) in setups.items()
+            name: (
+                [
+                    Instance(
+                        "loglikelihood", {}, (f"{mark.format(n=n)}{PROMPTS['gsm8k']} {n}\nAnswer:", choice), 0
+                    )
+                    for n in range(args.questions)
+                    for mark, choice in zip(marks, CHOICES[kind], strict=True)
+                ],
+                {"SHARED_PREFIX_MIN_SAVING": saving},
+            )
+            for name, (marks, saving) in setups.items()
         }
-        times: dict[str, list[float]] = {name: [] for name in workloads}
-        read_counts = {}
-        with mock.patch.object(_ModelBatch, "read", counted):
-            for _ in range(args.repeats):
-                for name, requests in workloads.items():
-                    counts.update(rows=0, tokens=0)
-                    run = functools.partial(lm.loglikelihood, requests, disable_tqdm=True)
-                    with mock.patch.object(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", setups[name][1]):
-                        seconds, _, _ = measured(run, args.device)
-                    times[name].append(seconds)
-                    read_counts[name] = dict(counts)
+        times, counts = time_workloads(args, lm, workloads)
         for name in workloads:
             print(
-                f"{kind:>9} {'yes' if greedy else 'no':>9} {name:>9} | {read_counts[name]['rows']:>5} "
-                f"{read_counts[name]['tokens']:>7} {statistics.median(times[name]):>7.3f} "
+                f"{kind:>9} {'yes' if greedy else 'no':>9} {name:>9} | {counts[name]['rows']:>5} "
+                f"{counts[name]['tokens']:>7} {statistics.median(times[name]):>7.3f} "
                 f"{versus(times, name, 'distinct'):>11}"
             )
+
+
+def subjects(
+    args: argparse.Namespace, models: list[PreTrainedModel], toks: list[PreTrainedTokenizerBase]
+) -> None:
+    """Questions of `--subjects` few-shot prompts (the GSM8K prompt after a line naming the subject, as
+    MMLU's prompts name theirs), of lengths that interleave the subjects when sorted by width, with
+    one-token choices: "grouped" batches the contexts of a subject together (their first
+    `PREFIX_GROUP_TOKENS` tokens agree), so that a batch reads its prompt once; "by width" sorts them by
+    width alone (`PREFIX_GROUP_TOKENS` out of reach), so that a batch mixes subjects."""
+    lm = UniteLM(ensemble=Ensemble(models, toks), batch_size=args.batch_size, greedy_check=False)
+    requests = [
+        Instance(
+            "loglikelihood",
+            {},
+            (
+                f"Questions about subject {s}.\n{PROMPTS['gsm8k']}{' And then?' * ((n + s) % 9)}\nAnswer:",
+                choice,
+            ),
+            0,
+        )
+        for s in range(args.subjects)
+        for n in range(args.questions // args.subjects)
+        for choice in CHOICES["one token"]
+    ]
+    workloads = {
+        "grouped": (requests, {"PREFIX_GROUP_TOKENS": PREFIX_GROUP_TOKENS}),
+        "by width": (requests, {"PREFIX_GROUP_TOKENS": ONE_PASS}),
+    }
+    times, counts = time_workloads(args, lm, workloads)
+    print(f"\n{args.subjects} subjects, {args.questions} questions of 4 one-token choices in all")
+    header = f"{'batches':>8} | {'rows':>5} {'tokens':>7} {'s/run':>7} {'vs by width':>11}"
+    print(header, "-" * len(header), sep="\n")
+    for name in workloads:
+        print(
+            f"{name:>8} | {counts[name]['rows']:>5} {counts[name]['tokens']:>7} "
+            f"{statistics.median(times[name]):>7.3f} {versus(times, name, 'by width'):>11}"
+        )
+
+
+def time_workloads(
+    args: argparse.Namespace, lm: UniteLM, workloads: dict[str, tuple[list[Instance], dict[str, int]]]
+) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
+    """Times `lm.loglikelihood` on each workload (its requests, with the `unite_ext.decode` or
+    `unite_ext.lm_eval` constants it names set to its values), the workloads in turn, `--repeats` times
+    after a warm-up; returns the times, and the rows and tokens the first model read."""
+    times: dict[str, list[float]] = {name: [] for name in workloads}
+    counts: dict[str, dict[str, int]] = {name: {} for name in workloads}
+    for requests, _ in workloads.values():
+        lm.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up: the first runs are slower
+    for _ in range(args.repeats):
+        for name, (requests, constants) in workloads.items():
+            run = functools.partial(lm.loglikelihood, requests, disable_tqdm=True)
+            with contextlib.ExitStack() as patches:
+                for constant, value in constants.items():
+                    module = unite_ext.decode if hasattr(unite_ext.decode, constant) else unite_ext.lm_eval
+                    patches.enter_context(mock.patch.object(module, constant, value))
+                counts[name] = patches.enter_context(counting_reads())
+                seconds, _, _ = measured(run, args.device)
+            times[name].append(seconds)
+    return times, counts
 
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ def members():
     ]
 
 
+@pytest.fixture
+def reads(monkeypatch) -> dict[int, list[list[int]]]:
+    """Every row each model reads (model index -> the feeds of its `_ModelBatch.read` calls)."""
+    seen: dict[int, list[list[int]]] = defaultdict(list)
+    read = unite_ext.decode._ModelBatch.read
+
+    def spy_read(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int):
+        seen[run.member.index].extend(feeds)
+        return read(run, feeds, keep)
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
+    return seen
+
+
 def request(kind: str, *args) -> Instance:
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
@@ -295,7 +309,7 @@ def test_scoring_reads_in_passes_of_at_most_max_pass_tokens(
     )
 
 
-def test_choices_read_their_context_once_and_share_a_generation(members, monkeypatch):
+def test_choices_read_their_context_once_and_share_a_generation(members, monkeypatch, reads):
     """Multiple-choice requests (one context, several choices) read the context once, as one row whose
     last logits score every choice's first token; a choice of several tokens then reads its other tokens,
     and only those, in a row of its own (the context is read again for choices beyond the batch size). The
@@ -305,15 +319,6 @@ def test_choices_read_their_context_once_and_share_a_generation(members, monkeyp
     models, tokenizers = zip(*members, strict=True)
     ensemble = Ensemble(list(models), list(tokenizers), weights=[0.3, 0.7])
     lm = UniteLM(ensemble=ensemble, batch_size=2, greedy_check=False)
-    rows: dict[int, int] = defaultdict(int)  # model -> rows read
-    tokens: dict[int, int] = defaultdict(int)  # model -> tokens read
-    read = unite_ext.decode._ModelBatch.read
-
-    def spy_read(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int):
-        rows[run.member.index] += len(feeds)
-        tokens[run.member.index] += sum(map(len, feeds))
-        return read(run, feeds, keep)
-
     generated: list[str] = []  # contexts generated from
     generate_texts = lm.generate_texts
 
@@ -321,7 +326,6 @@ def test_choices_read_their_context_once_and_share_a_generation(members, monkeyp
         generated.extend(contexts)
         return generate_texts(contexts, max_new_tokens, **settings)
 
-    monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
     monkeypatch.setattr(lm, "generate_texts", spy_generate)
     contexts = ["Question: which letter comes first?\nAnswer:", "The quick brown"]
     choices = [" a", " b", " c", " d", " the", " fox jumps", " lazy dogs sleep", " 42 more lines"]
@@ -331,10 +335,11 @@ def test_choices_read_their_context_once_and_share_a_generation(members, monkeyp
         encoded = [ensemble.tables.encode_mid_text(i, choice.encode()) for choice in choices]
         longer = [ids for ids in encoded if len(ids) > 1]
         assert 2 < len(longer) < len(choices) - 1
-        reads = -(-len(longer) // 2)  # a batch holds 2 tails: the context is read again for the others
-        assert rows[i] == len(contexts) * (reads + len(longer))
+        rereads = -(-len(longer) // 2)  # a batch holds 2 tails: the context is read again for the others
+        assert len(reads[i]) == len(contexts) * (rereads + len(longer))
         read_once = sum(len(tokenizer(context)["input_ids"]) for context in contexts)
-        assert tokens[i] == reads * read_once + len(contexts) * sum(len(ids) - 1 for ids in longer)
+        tokens = sum(map(len, reads[i]))
+        assert tokens == rereads * read_once + len(contexts) * sum(len(ids) - 1 for ids in longer)
     flags = lm.greedy_flags(pairs)  # one generation per context and choice length in bytes
     assert sorted(generated) == sorted(contexts * len({len(choice.encode()) for choice in choices}))
     for (context, choice), (value, _), greedy in zip(pairs, values, flags, strict=True):
@@ -346,7 +351,7 @@ def test_choices_read_their_context_once_and_share_a_generation(members, monkeyp
 @pytest.mark.parametrize("min_saving", [1, 10**9])
 @pytest.mark.parametrize(("architecture", "overrides"), SCORING_CASES)
 def test_rows_read_their_common_prefix_once(
-    members, monkeypatch, architecture: str, overrides: dict, min_saving: int
+    members, monkeypatch, reads, architecture: str, overrides: dict, min_saving: int
 ):
     """The rows of a batch that share a prefix (a few-shot prompt) read it once, in a row of its own whose
     cache every row then copies, when that saves SHARED_PREFIX_MIN_SAVING token reads or more; each row
@@ -355,14 +360,6 @@ def test_rows_read_their_common_prefix_once(
     pass over the request's own unpadded tokens."""
     models, tokenizers = scoring_models(members, architecture, overrides)
     monkeypatch.setattr(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", min_saving)
-    reads: dict[int, list[list[int]]] = defaultdict(list)  # model -> the rows of every read
-    read = unite_ext.decode._ModelBatch.read
-
-    def spy_read(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int):
-        reads[run.member.index].extend(feeds)
-        return read(run, feeds, keep)
-
-    monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
     ensemble = Ensemble(models, tokenizers)
     lm = UniteLM(ensemble=ensemble, batch_size=6, greedy_check=False)  # one batch: 3 rows and their tails
     shots = SAMPLE_TEXTS[0] + "\nQ: What is 2 + 3?\nA: 5\n"
@@ -386,6 +383,32 @@ def test_rows_read_their_common_prefix_once(
         assert sorted(reads[i]) == sorted(expected)
     for (context, choice), (value, _) in zip(pairs, values, strict=True):
         assert value == pytest.approx(reference_value(ensemble, context, choice), abs=1e-4)
+
+
+def test_rows_that_start_alike_are_batched_together(members, monkeypatch, reads):
+    """Contexts of two few-shot prompts whose widths interleave (as two MMLU subjects' questions do) are
+    batched by prompt, each batch reading its prompt once, not by width alone."""
+    monkeypatch.setattr(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", 16)
+    models, tokenizers = scoring_models(members, "gpt2+llama", {})
+    ensemble = Ensemble(models, tokenizers)
+    lm = UniteLM(ensemble=ensemble, batch_size=2, greedy_check=False)
+    shots = {subject: f"{subject} {SAMPLE_TEXTS[0]}\n" for subject in ("Chemistry:", "History:")}
+    # By width alone: the long chemistry question, the history ones, then the short chemistry one.
+    questions = {"Chemistry:": ["word " * 30, "a?"], "History:": ["word " * 15, "word " * 10]}
+    contexts = [f"{shots[s]}Q: {q}\nA:" for s in shots for q in questions[s]]
+    values = lm.loglikelihood([request("loglikelihood", context, " 2") for context in contexts])
+    for i, tokenizer in enumerate(tokenizers):
+        assert len(tokenizer(shots["History:"])["input_ids"]) > unite_ext.lm_eval.PREFIX_GROUP_TOKENS
+        expected = []
+        for subject in shots:
+            first, second = [tokenizer(c)["input_ids"] for c in contexts if c.startswith(subject)]
+            shared = next(n for n, (x, y) in enumerate(zip(first, second, strict=False)) if x != y)
+            expected += [first[:shared], first[shared:], second[shared:]]
+        choice = ensemble.tables.encode_mid_text(i, b" 2")
+        expected += [choice[:-1]] * len(contexts) if len(choice) > 1 else []  # read after each context
+        assert sorted(reads[i]) == sorted(expected)
+    for context, (value, _) in zip(contexts, values, strict=True):
+        assert value == pytest.approx(reference_value(ensemble, context, " 2"), abs=1e-4)
 
 
 def test_max_pass_tokens_reaches_the_ensemble(members, tmp_path):

@@ -109,6 +109,10 @@ def combine_loglikelihoods(per_model: Sequence[float], weights: Sequence[float])
     return top + math.log(sum(math.exp(t - top) for t in terms))
 
 
+# Scoring batches rows that start with this many tokens in common together (see UniteLM.score_tokens).
+PREFIX_GROUP_TOKENS = 64
+
+
 # The log-softmax normaliser (log-sum-exp) is taken over boxes of at most this many logits (positions x
 # vocabulary) at a time, in float32: a pass's logits are not copied whole (16384 positions of a 152k
 # vocabulary are 10 GB in float32).
@@ -301,9 +305,10 @@ class UniteLM(LM):
         its own, from a copy of that row's cache (masked slots pad the copies' tails on the left). A model
         that must read a row's tokens without masked slots between them (``one_row_reason``: recurrent
         layers, slot-distance biases) reads each request's tokens in one row instead (requests reading
-        the same tokens still share it). The rows of a batch read their common prefix (a few-shot prompt)
-        once where that pays (``unite_ext.decode._new_batch``). Rows are left-padded and batched by the
-        longest request they serve, ``batch_size`` rows at a time, with at most as many tails (a context
+        the same tokens still share it). Rows that start with the same ``PREFIX_GROUP_TOKENS`` tokens (a
+        few-shot prompt's) are batched together, and a batch reads its rows' common prefix once where that
+        pays (``unite_ext.decode._new_batch``). Rows are left-padded and batched by the longest request
+        they serve, ``batch_size`` rows at a time, with at most as many tails (a context
         with more is read again for the others), or fewer where more would exceed the ensemble's
         ``max_pass_tokens``; a longer one is read alone in passes of that many tokens
         (``_ModelBatch.read``), so no row read in one piece has padding after its first token. One pass's
@@ -334,10 +339,19 @@ class UniteLM(LM):
         def room(tokens: tuple[int, ...]) -> int:
             return max(1, min(self.batch_size, budget // width[tokens]))
 
+        # Rows that start with the same PREFIX_GROUP_TOKENS tokens as others (a few-shot prompt's) are
+        # batched with those only, so that a batch reads their common prefix once (_new_batch); each such
+        # group, and the rows that start like no other, go widest first.
+        starts = collections.Counter(tokens[:PREFIX_GROUP_TOKENS] for tokens in readers)
+
+        def group(tokens: tuple[int, ...]) -> tuple[int, ...]:
+            start = tokens[:PREFIX_GROUP_TOKENS]
+            return start if starts[start] > 1 else ()
+
         # Each row to read, with the requests it scores: a row with more tails than a batch holds is read
         # again for the others.
         chunks: list[tuple[tuple[int, ...], list[int]]] = []
-        for tokens in sorted(readers, key=width.__getitem__, reverse=True):
+        for tokens in sorted(readers, key=lambda tokens: (group(tokens), -width[tokens])):
             tailed, most = [r for r in readers[tokens] if tails[r]], room(tokens)
             groups = [tailed[i : i + most] for i in range(0, len(tailed), most)] or [[]]
             groups[0] = [r for r in readers[tokens] if not tails[r]] + groups[0]
@@ -346,10 +360,10 @@ class UniteLM(LM):
         order = collections.deque(chunks)
         with tqdm(total=len(pairs), desc=f"scoring with {member.name}", disable=not progress) as bar:
             while order:
-                most = room(order[0][0])  # the first row is the widest
+                most = room(order[0][0])  # the first row is the widest of its group
                 batch: list[tuple[tuple[int, ...], list[int]]] = []
-                tailed = 0
-                while order and len(batch) < most:
+                tailed, first = 0, group(order[0][0])
+                while order and len(batch) < most and group(order[0][0]) == first:
                     more = sum(1 for r in order[0][1] if tails[r])
                     if batch and tailed + more > most:
                         break
