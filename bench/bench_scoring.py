@@ -33,9 +33,8 @@ from lm_eval.api.instance import Instance
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import unite_ext.decode
-import unite_ext.lm_eval
-from unite_ext.decode import SHARED_PREFIX_MIN_SAVING, Ensemble
-from unite_ext.lm_eval import PREFIX_GROUP_TOKENS, UniteLM
+from unite_ext.decode import PREFIX_GROUP_TOKENS, SHARED_PREFIX_MIN_SAVING, Ensemble
+from unite_ext.lm_eval import UniteLM
 
 
 def main() -> None:
@@ -203,9 +202,9 @@ def subjects(
 def time_workloads(
     args: argparse.Namespace, lm: UniteLM, workloads: dict[str, tuple[list[Instance], dict[str, int]]]
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
-    """Times `lm.loglikelihood` on each workload (its requests, with the `unite_ext.decode` or
-    `unite_ext.lm_eval` constants it names set to its values), the workloads in turn, `--repeats` times
-    after a warm-up; returns the times, and the rows and tokens the first model read."""
+    """Times `lm.loglikelihood` on each workload (its requests, with the `unite_ext.decode` constants it
+    names set to its values), the workloads in turn, `--repeats` times after a warm-up; returns the times,
+    and the rows and tokens the first model read."""
     times: dict[str, list[float]] = {name: [] for name in workloads}
     counts: dict[str, dict[str, int]] = {name: {} for name in workloads}
     for requests, _ in workloads.values():
@@ -215,8 +214,7 @@ def time_workloads(
             run = functools.partial(lm.loglikelihood, requests, disable_tqdm=True)
             with contextlib.ExitStack() as patches:
                 for constant, value in constants.items():
-                    module = unite_ext.decode if hasattr(unite_ext.decode, constant) else unite_ext.lm_eval
-                    patches.enter_context(mock.patch.object(module, constant, value))
+                    patches.enter_context(mock.patch.object(unite_ext.decode, constant, value))
                 counts[name] = patches.enter_context(counting_reads())
                 seconds, _, _ = measured(run, args.device)
             times[name].append(seconds)

@@ -254,6 +254,40 @@ def test_waiting_rows_join_the_batch_as_rows_finish(mixed_ensemble_parts, monkey
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_prompts_that_start_alike_read_their_common_prefix_once(
+    mixed_ensemble_parts, monkeypatch, device: str
+) -> None:
+    """Few-shot prompts of two tasks whose questions' lengths interleave: each new batch takes prompts of
+    one task (their first PREFIX_GROUP_TOKENS tokens agree), not the longest ones, and reads their common
+    prefix once. The texts are those of rows decoded one by one, every step's logits a fresh pass's."""
+    models, toks = mixed_ensemble_parts
+    models = [copy.deepcopy(m).to(device) for m in models]  # the fixture's models stay on the CPU
+    ensemble = Ensemble(models, toks, k=4)
+    shots = {task: f"{task}: {' '.join(CORPUS[:8])}\n" for task in ("Arithmetic", "Geography")}
+    questions = {"Arithmetic": ["Why? " * 12, "Why?"], "Geography": ["Why? " * 7, "Why? " * 5]}
+    prompts = [f"{shots[task]}Q: {question}\nA:" for task in shots for question in questions[task]]
+    one_by_one = ensemble.generate(prompts, max_new_tokens=6, batch_size=1, progress=False)
+    monkeypatch.setattr(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", 16)
+    batches: list[tuple[list[list[int]], bool]] = []  # every model's new batches: prompts, prefix read once
+    new_batch = unite_ext.decode._new_batch
+
+    def spy_new_batch(member, batch_prompts: list[list[int]], *args):
+        run, feeds = new_batch(member, batch_prompts, *args)
+        batches.append((batch_prompts, feeds != batch_prompts))
+        return run, feeds
+
+    monkeypatch.setattr(unite_ext.decode, "_new_batch", spy_new_batch)
+    recorder = Recorder(keep_logits=True)
+    batched = ensemble.generate(prompts, max_new_tokens=6, batch_size=2, on_step=recorder, progress=False)
+    assert batched == one_by_one
+    width = unite_ext.decode.PREFIX_GROUP_TOKENS
+    assert all(len(tok(shots["Geography"])["input_ids"]) > width for tok in toks)
+    assert all(all(p[:width] == rows[0][:width] for p in rows) for rows, _ in batches)  # one task each
+    assert all(shared for rows, shared in batches[: len(models)])  # the first batch read its prefix once
+    steps_with_slots_between_tokens(recorder, models, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("sync", "lookbehind"), [("exact", 1), ("exact", 8), ("fast", 8)])
 def test_continuations_match_the_tokenizers_and_a_fresh_forward(
     mixed_ensemble_parts, sync: str, lookbehind: int, device: str

@@ -398,7 +398,7 @@ def test_rows_that_start_alike_are_batched_together(members, monkeypatch, reads)
     contexts = [f"{shots[s]}Q: {q}\nA:" for s in shots for q in questions[s]]
     values = lm.loglikelihood([request("loglikelihood", context, " 2") for context in contexts])
     for i, tokenizer in enumerate(tokenizers):
-        assert len(tokenizer(shots["History:"])["input_ids"]) > unite_ext.lm_eval.PREFIX_GROUP_TOKENS
+        assert len(tokenizer(shots["History:"])["input_ids"]) > unite_ext.decode.PREFIX_GROUP_TOKENS
         expected = []
         for subject in shots:
             first, second = [tokenizer(c)["input_ids"] for c in contexts if c.startswith(subject)]

@@ -23,7 +23,7 @@ import inspect
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -733,6 +733,24 @@ def _new_batch(
     return run, [prompt[shared:] for prompt in prompts]
 
 
+# Rows that start with this many tokens in common (a few-shot prompt's) are batched together, so that a
+# batch reads their common prefix once (_new_batch).
+PREFIX_GROUP_TOKENS = 64
+
+
+def _start_groups(starts: Iterable[Sequence[int]]) -> Callable[[Sequence[int]], tuple[int, ...]]:
+    """A function giving the group of a row's tokens among the rows whose tokens `starts` lists: their
+    first PREFIX_GROUP_TOKENS tokens when another row starts with them too, else () (for every row that
+    starts like no other)."""
+    counts = collections.Counter(tuple(tokens[:PREFIX_GROUP_TOKENS]) for tokens in starts)
+
+    def group(tokens: Sequence[int]) -> tuple[int, ...]:
+        start = tuple(tokens[:PREFIX_GROUP_TOKENS])
+        return start if counts[start] > 1 else ()
+
+    return group
+
+
 @dataclass
 class _Row:
     """One prompt's progress."""
@@ -1049,8 +1067,9 @@ class Ensemble:
             seed: seed of the sampling random numbers; None uses torch's global generator.
             batch_size: rows decoded together; waiting rows join a batch once at most half of it is left.
                 Default 8; 1 (with a warning) for models that decode one row at a time (recurrent layers,
-                MPT). The rows of a new batch, or those joining one, read their common prefix (a few-shot
-                prompt) once where that pays (`_new_batch`).
+                MPT). Prompts that start alike (a few-shot prompt) are batched together, and the rows of a
+                new batch, or those joining one, read their common prefix once where that pays
+                (`_new_batch`).
             stream: called as stream(row_index, text_delta) whenever a row's text grows.
             on_step: called with a `StepTrace` before every ensemble step (inspection; it must not
                 modify what it is given).
@@ -1087,8 +1106,13 @@ class Ensemble:
             stream=stream,
             on_step=on_step,
         )
-        # Long prompts together: less padding.
-        order = sorted(rows, key=lambda row: max(len(ids) for ids in row.prompt_ids), reverse=True)
+        # Prompts that start alike together (their common prefix read once), long prompts together (less
+        # padding): each group of the first model's prompts, and the prompts that start like no other,
+        # longest first.
+        group = _start_groups(row.prompt_ids[0] for row in rows)
+        order = sorted(
+            rows, key=lambda row: (group(row.prompt_ids[0]), -max(len(ids) for ids in row.prompt_ids))
+        )
         with tqdm(total=len(rows), desc="generate", unit="row", disable=not progress) as bar:
             self._generate_rows(order, batch_size, settings, bar)
         return [row.result() for row in rows]

@@ -76,7 +76,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "unite_ext.lm_eval needs lm-evaluation-harness: pip install lm_eval (or unite_ext[lm_eval])"
     ) from error
 
-from unite_ext.decode import _ModelBatch, _new_batch, context_length, render_chat
+from unite_ext.decode import _ModelBatch, _new_batch, _start_groups, context_length, render_chat
 from unite_ext.model_spec import ModelSpec, build_ensemble, load_spec, uses_chat
 
 logger = logging.getLogger(__name__)
@@ -107,10 +107,6 @@ def combine_loglikelihoods(per_model: Sequence[float], weights: Sequence[float])
     if top == -math.inf:
         return -math.inf
     return top + math.log(sum(math.exp(t - top) for t in terms))
-
-
-# Scoring batches rows that start with this many tokens in common together (see UniteLM.score_tokens).
-PREFIX_GROUP_TOKENS = 64
 
 
 # The log-softmax normaliser (log-sum-exp) is taken over boxes of at most this many logits (positions x
@@ -305,15 +301,15 @@ class UniteLM(LM):
         its own, from a copy of that row's cache (masked slots pad the copies' tails on the left). A model
         that must read a row's tokens without masked slots between them (``one_row_reason``: recurrent
         layers, slot-distance biases) reads each request's tokens in one row instead (requests reading
-        the same tokens still share it). Rows that start with the same ``PREFIX_GROUP_TOKENS`` tokens (a
-        few-shot prompt's) are batched together, and a batch reads its rows' common prefix once where that
-        pays (``unite_ext.decode._new_batch``). Rows are left-padded and batched by the longest request
-        they serve, ``batch_size`` rows at a time, with at most as many tails (a context
-        with more is read again for the others), or fewer where more would exceed the ensemble's
-        ``max_pass_tokens``; a longer one is read alone in passes of that many tokens
-        (``_ModelBatch.read``), so no row read in one piece has padding after its first token. One pass's
-        activations and logits (``max_pass_tokens`` x vocabulary) bound the memory, and a batch's cache
-        copies hold about that many tokens.
+        the same tokens still share it). Rows that start with the same
+        ``unite_ext.decode.PREFIX_GROUP_TOKENS`` tokens (a few-shot prompt's) are batched together, and a
+        batch reads its rows' common prefix once where that pays (``unite_ext.decode._new_batch``). Rows
+        are left-padded and batched by the longest request they serve, ``batch_size`` rows at a time,
+        with at most as many tails (a context with more is read again for the others), or fewer where more
+        would exceed the ensemble's ``max_pass_tokens``; a longer one is read alone in passes of that many
+        tokens (``_ModelBatch.read``), so no row read in one piece has padding after its first token. One
+        pass's activations and logits (``max_pass_tokens`` x vocabulary) bound the memory, and a batch's
+        cache copies hold about that many tokens.
         """
         member = self.members[index]
         limit = self.model_max_length(member)
@@ -339,14 +335,10 @@ class UniteLM(LM):
         def room(tokens: tuple[int, ...]) -> int:
             return max(1, min(self.batch_size, budget // width[tokens]))
 
-        # Rows that start with the same PREFIX_GROUP_TOKENS tokens as others (a few-shot prompt's) are
-        # batched with those only, so that a batch reads their common prefix once (_new_batch); each such
-        # group, and the rows that start like no other, go widest first.
-        starts = collections.Counter(tokens[:PREFIX_GROUP_TOKENS] for tokens in readers)
-
-        def group(tokens: tuple[int, ...]) -> tuple[int, ...]:
-            start = tokens[:PREFIX_GROUP_TOKENS]
-            return start if starts[start] > 1 else ()
+        # Rows that start alike (a few-shot prompt) are batched together (a batch does not mix groups), so
+        # that a batch reads their common prefix once; each group, and the rows that start like no other,
+        # widest first.
+        group = _start_groups(readers)
 
         # Each row to read, with the requests it scores: a row with more tails than a batch holds is read
         # again for the others.
