@@ -9,7 +9,7 @@ from collections import defaultdict
 import torch
 from transformers import PreTrainedModel
 
-from unite_ext.decode import StepTrace
+from unite_ext.decode import Ensemble, StepTrace
 
 PROMPTS = [
     "The capital of France is",
@@ -86,3 +86,19 @@ def reference_loglikelihood(
         position = len(context_ids) + j - 1  # the logits that predict this token
         total += float(torch.log_softmax(logits[position], dim=-1)[token])
     return total
+
+
+def reference_value(ensemble: Ensemble, context: str, continuation: str) -> float:
+    """The lm-eval backend's log-likelihood of `continuation` after `context`, from float64 passes over each
+    model's own unpadded tokens (the context as a prompt, the continuation as mid-text)."""
+    from unite_ext.lm_eval import combine_loglikelihoods  # needs lm_eval, as its callers do
+
+    scores = [
+        reference_loglikelihood(
+            member.model,
+            member.tokenizer(context)["input_ids"],
+            ensemble.tables.encode_mid_text(i, continuation.encode()),
+        )
+        for i, member in enumerate(ensemble.members)
+    ]
+    return combine_loglikelihoods(scores, ensemble.weights)

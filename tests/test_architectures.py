@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from decode_checks import PROMPTS, Recorder, reference_loglikelihood, steps_with_slots_between_tokens
+from decode_checks import PROMPTS, Recorder, reference_value, steps_with_slots_between_tokens
 from tiny_models import tiny_auto_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -140,7 +140,7 @@ def test_scoring_gives_unpadded_log_likelihoods(toy_tokenizers, monkeypatch, mod
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from unite_ext.lm_eval import UniteLM, combine_loglikelihoods
+    from unite_ext.lm_eval import UniteLM
 
     toks, models = tiny_pair(toy_tokenizers, monkeypatch, model_type, seed=60)
     monkeypatch.setattr(unite_ext.decode, "SHARED_PREFIX_MIN_SAVING", 1)
@@ -153,10 +153,4 @@ def test_scoring_gives_unpadded_log_likelihoods(toy_tokenizers, monkeypatch, mod
     values = lm.loglikelihood([Instance("loglikelihood", {}, pair, 0) for pair in pairs[:6]])
     values += prefixed.loglikelihood([Instance("loglikelihood", {}, pair, 0) for pair in pairs[6:]])
     for (context, choice), (value, _) in zip(pairs, values, strict=True):
-        scores = [
-            reference_loglikelihood(
-                model, tok(context)["input_ids"], ensemble.tables.encode_mid_text(i, choice.encode())
-            )
-            for i, (model, tok) in enumerate(zip(models, toks, strict=True))
-        ]
-        assert value == pytest.approx(combine_loglikelihoods(scores, ensemble.weights), abs=1e-4)
+        assert value == pytest.approx(reference_value(ensemble, context, choice), abs=1e-4)

@@ -17,7 +17,7 @@ import unite_ext.decode
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from decode_checks import reference_loglikelihood  # noqa: E402
+from decode_checks import common_prefix, reference_loglikelihood, reference_value  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from tiny_models import (  # noqa: E402
@@ -72,20 +72,6 @@ def reads(monkeypatch) -> dict[int, list[list[int]]]:
 
 def request(kind: str, *args) -> Instance:
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
-
-
-def reference_value(ensemble: Ensemble, context: str, continuation: str) -> float:
-    """The ensemble's log-likelihood of `continuation` after `context`, from float64 passes over each
-    model's own unpadded tokens (the context as a prompt, the continuation as mid-text)."""
-    scores = [
-        reference_loglikelihood(
-            member.model,
-            member.tokenizer(context)["input_ids"],
-            ensemble.tables.encode_mid_text(i, continuation.encode()),
-        )
-        for i, member in enumerate(ensemble.members)
-    ]
-    return combine_loglikelihoods(scores, ensemble.weights)
 
 
 def test_combine_loglikelihoods_by_hand():
@@ -369,9 +355,7 @@ def test_rows_read_their_common_prefix_once(
     values = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
     for i, tokenizer in enumerate(tokenizers):
         rows = [tokenizer(context)["input_ids"] for context in contexts]
-        shared = min(map(len, rows)) - 1
-        while any(row[:shared] != rows[0][:shared] for row in rows):
-            shared -= 1
+        shared = min(len(common_prefix(rows[0], row)) for row in rows[1:])
         encoded = [ensemble.tables.encode_mid_text(i, choice.encode()) for choice in choices]
         tails = [ids[:-1] for ids in encoded if len(ids) > 1] * len(contexts)
         if models[i].config.model_type in RECURRENT_OVERRIDES:  # every request read whole, once
@@ -402,7 +386,7 @@ def test_rows_that_start_alike_are_batched_together(members, monkeypatch, reads)
         expected = []
         for subject in shots:
             first, second = [tokenizer(c)["input_ids"] for c in contexts if c.startswith(subject)]
-            shared = next(n for n, (x, y) in enumerate(zip(first, second, strict=False)) if x != y)
+            shared = len(common_prefix(first, second))
             expected += [first[:shared], first[shared:], second[shared:]]
         choice = ensemble.tables.encode_mid_text(i, b" 2")
         expected += [choice[:-1]] * len(contexts) if len(choice) > 1 else []  # read after each context

@@ -679,7 +679,8 @@ class _ModelBatch:
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only `rows` of the batch (finished rows stop costing compute). A row named twice reads on
-        as two (scoring, which does not extend the rows' shared continuations)."""
+        as two that share its continuation (scoring, which does not extend it; `_new_batch` gives each
+        copy of a prefix row a continuation of its own)."""
         self.cache.batch_select_indices(torch.tensor(rows))
         self.key_positions = self.key_positions[rows]
         self.prompts = [self.prompts[b] for b in rows]

@@ -345,9 +345,9 @@ class UniteLM(LM):
         chunks: list[tuple[tuple[int, ...], list[int]]] = []
         for tokens in sorted(readers, key=lambda tokens: (group(tokens), -width[tokens])):
             tailed, most = [r for r in readers[tokens] if tails[r]], room(tokens)
-            groups = [tailed[i : i + most] for i in range(0, len(tailed), most)] or [[]]
-            groups[0] = [r for r in readers[tokens] if not tails[r]] + groups[0]
-            chunks.extend((tokens, group) for group in groups)
+            pieces = [tailed[i : i + most] for i in range(0, len(tailed), most)] or [[]]
+            pieces[0] = [r for r in readers[tokens] if not tails[r]] + pieces[0]
+            chunks.extend((tokens, piece) for piece in pieces)
         results = [0.0] * len(pairs)
         order = collections.deque(chunks)
         with tqdm(total=len(pairs), desc=f"scoring with {member.name}", disable=not progress) as bar:
