@@ -118,14 +118,15 @@ def multiple_choice(
 ) -> None:
     """Questions of four choices after the GSM8K prompt (a different last word each): "shared" are the
     harness's requests, which read their context once (one-token choices share its row outright, longer
-    ones read their other tokens from copies of its cache) and share the is_greedy generation of a choice
-    length, and whose batches read the GSM8K prompt, their common prefix, once; "no prefix" are the same
+    ones read their other tokens from copies of its cache) and share the is_greedy generation of their
+    context (which ends once its text has decided every choice), and whose batches read the GSM8K prompt,
+    their common prefix, once; "no prefix" are the same
     requests with each context read whole (`SHARED_PREFIX_MIN_SAVING` out of reach); "distinct" starts
     each choice's context with a mark of its own ("(A3) "), so that every request reads its whole text
     and generates on its own, as every request did before contexts were shared. "rows" and "tokens" are
     what the first model read."""
     ensemble = Ensemble(models, toks)
-    cases = [("one token", False), ("one token", True), ("several", False)]
+    cases = [("one token", False), ("one token", True), ("several", False), ("several", True)]
     print(f"\n{args.questions} questions of 4 choices, batch size {args.batch_size}")
     header = (
         f"{'choices':>9} {'is_greedy':>9} {'requests':>9} | {'rows':>5} {'tokens':>7} {'s/run':>7} "

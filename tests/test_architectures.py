@@ -11,6 +11,7 @@ rows feed nothing in the first passes. Architectures that the installed transfor
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -79,15 +80,23 @@ def tiny_pair(
     return toks, models
 
 
+def stagger_row_ends(monkeypatch: pytest.MonkeyPatch, gap: int) -> None:
+    """Row `r` ends at step 8 + gap * r (at most max_new_tokens), so that rows leave and join batches."""
+    advance = unite_ext.decode._Row.advance
+
+    def staggered(
+        row: unite_ext.decode._Row, token: bytes | None, settings: unite_ext.decode._Settings
+    ) -> None:
+        most = min(settings.max_new_tokens, 8 + gap * row.index)
+        advance(row, token, dataclasses.replace(settings, max_new_tokens=most))
+
+    monkeypatch.setattr(unite_ext.decode._Row, "advance", staggered)
+
+
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_batched_decoding_gives_fresh_pass_logits(toy_tokenizers, monkeypatch, model_type: str) -> None:
     toks, models = tiny_pair(toy_tokenizers, monkeypatch, model_type, seed=50)
-    advance = unite_ext.decode._Row.advance
-
-    def staggered(row: unite_ext.decode._Row, token: bytes | None, stops: list[bytes], most: int) -> None:
-        advance(row, token, stops, min(most, 8 + 5 * row.index))  # rows end at steps 8, 13, 18 and 23
-
-    monkeypatch.setattr(unite_ext.decode._Row, "advance", staggered)
+    stagger_row_ends(monkeypatch, 5)  # rows end at steps 8, 13, 18 and 23
     ensemble = Ensemble(models, toks, k=4, sync="exact", max_pass_tokens=6)
     recorder = Recorder(keep_logits=True)
     # Sampled, so that rows pick different tokens even where tiny random models would repeat one.
@@ -113,13 +122,8 @@ def test_prompts_read_their_common_prefix_once(toy_tokenizers, monkeypatch, mode
         shared.append(feeds != prompts)
         return run, feeds
 
-    advance = unite_ext.decode._Row.advance
-
-    def staggered(row: unite_ext.decode._Row, token: bytes | None, stops: list[bytes], most: int) -> None:
-        advance(row, token, stops, min(most, 8 + 3 * row.index))  # rows end at steps 8, 11, ..., 23
-
     monkeypatch.setattr(unite_ext.decode, "_new_batch", spy_new_batch)
-    monkeypatch.setattr(unite_ext.decode._Row, "advance", staggered)
+    stagger_row_ends(monkeypatch, 3)  # rows end at steps 8, 11, ..., 23
     ensemble = Ensemble(models, toks, k=4, sync="exact", max_pass_tokens=6)
     recorder = Recorder(keep_logits=True)
     prompts = [f"{PROMPTS[3]} {end}" for end in [*PROMPTS, "Yes", "No, twice"]]

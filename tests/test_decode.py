@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -804,6 +805,25 @@ def test_stop_strings_and_length_with_streaming(mixed_ensemble_parts) -> None:
         assert "".join(streamed[r]) == after.text
         assert after.num_bytes == len(after.text.encode())
     assert all(g.finish_reason == "stop" for g in stopped[1:])
+    # stop_when sees every row's bytes after every step, and ends row r once they are r + 3 or more.
+    seen: dict[int, list[bytes]] = defaultdict(list)
+
+    def long_enough(row: int, generated: bytes, most: int) -> bool:
+        seen[row].append(generated)
+        return len(generated) >= most + row
+
+    again = ensemble.generate(
+        PROMPTS, max_new_tokens=15, stop_when=partial(long_enough, most=100), progress=False
+    )
+    assert again == full and [len(seen[r]) for r in range(len(PROMPTS))] == [15] * len(PROMPTS)
+    whole, seen = dict(seen), defaultdict(list)
+    ended = ensemble.generate(
+        PROMPTS, max_new_tokens=15, stop_when=partial(long_enough, most=3), progress=False
+    )
+    for r, generation in enumerate(ended):
+        assert seen[r] == whole[r][: len(seen[r])]
+        assert generation.num_steps == len(seen[r]) and generation.finish_reason == "stop"
+        assert generation.num_bytes == len(seen[r][-1]) >= r + 3 > len(([b""] + seen[r])[-2])
     short = ensemble.generate(PROMPTS[:2], max_new_tokens=3, progress=False)
     assert [g.num_steps for g in short] == [3, 3] and {g.finish_reason for g in short} == {"length"}
     assert [g.text for g in short] == [
@@ -970,6 +990,8 @@ def test_clear_errors(tokenizers) -> None:
         ensemble.generate(["a"], max_new_tokens=0)
     with pytest.raises(ValueError, match="stop"):
         ensemble.generate(["a"], stop=[""])
+    with pytest.raises(TypeError, match="stop_when must be a function"):
+        ensemble.generate(["a"], stop_when="\n")
     with torch.device("meta"):
         meta_model = tiny_causal_lm("gpt2", len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     with pytest.raises(ValueError, match=r"models\[1\].*meta device"):

@@ -6,6 +6,7 @@ import copy
 import importlib.metadata
 import json
 import math
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -17,7 +18,7 @@ import unite_ext.decode
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from decode_checks import common_prefix, reference_loglikelihood, reference_value  # noqa: E402
+from decode_checks import Recorder, common_prefix, reference_loglikelihood, reference_value  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from tiny_models import (  # noqa: E402
@@ -68,6 +69,13 @@ def reads(monkeypatch) -> dict[int, list[list[int]]]:
 
     monkeypatch.setattr(unite_ext.decode._ModelBatch, "read", spy_read)
     return seen
+
+
+def complete_characters(data: bytes) -> str:
+    """The text of `data` that no further bytes can change: what every extension of it decodes to (the
+    bytes of an unfinished character are left out)."""
+    extensions = (b"A", b"\x80\x80\x80", b"\xbf\xbf\xbf", b"\x90\x80\x80")
+    return os.path.commonprefix([(data + more).decode(errors="replace") for more in extensions])
 
 
 def request(kind: str, *args) -> Instance:
@@ -156,6 +164,33 @@ def test_is_greedy_follows_the_ensembles_own_generation(members):
         [request("loglikelihood", context, generated), request("loglikelihood", context, "zzz")]
     )
     assert [greedy for _, greedy in results] == [True, generated.startswith("zzz")]
+
+
+def test_is_greedy_waits_for_a_character_split_over_steps(members, monkeypatch):
+    """A character whose bytes come in several steps decides a choice only once complete: the greedy check
+    neither stops at its first bytes nor reads them as a replacement character."""
+    models, tokenizers = zip(*members, strict=True)
+    ensemble = Ensemble(list(models), list(tokenizers))
+    lm = UniteLM(ensemble=ensemble)
+    steps = [b" \xe6", b"\x9d\xb1", b"\xe4\xba", b"\xac", b"!!"]  # " 東京!!", a step at a time
+    ends: list[int] = []
+
+    def scripted(prompts: list[str], max_new_tokens: int, stop_when, **settings) -> list[Generation]:
+        generations = []
+        for row in range(len(prompts)):
+            text, n = b"", 0
+            for piece in steps[:max_new_tokens]:
+                text, n = text + piece, n + 1
+                if stop_when(row, text):
+                    break
+            ends.append(n)
+            generations.append(Generation(text.decode(errors="replace"), len(text), n, "stop"))
+        return generations
+
+    monkeypatch.setattr(ensemble, "generate", scripted)
+    pairs = [("Where?", " 東京"), ("Where?", " 東西"), ("Where?", " 東"), ("When?", " 東京!")]
+    assert lm.greedy_flags(pairs) == [True, False, True, True]
+    assert ends == [4, 5]
 
 
 def test_generate_until_single_model_matches_hf_generate(members):
@@ -299,20 +334,12 @@ def test_choices_read_their_context_once_and_share_a_generation(members, monkeyp
     """Multiple-choice requests (one context, several choices) read the context once, as one row whose
     last logits score every choice's first token; a choice of several tokens then reads its other tokens,
     and only those, in a row of its own (the context is read again for choices beyond the batch size). The
-    is_greedy check generates once per context and choice length.
-    Every score still equals a float64 pass over the request's own unpadded tokens, every is_greedy flag
-    the ensemble's own generation."""
+    is_greedy check generates once per context, and its row ends at the first step whose text covers or
+    contradicts every choice. Every score still equals a float64 pass over the request's own unpadded
+    tokens, every is_greedy flag the ensemble's own generation of as many steps as the choice has bytes."""
     models, tokenizers = zip(*members, strict=True)
     ensemble = Ensemble(list(models), list(tokenizers), weights=[0.3, 0.7])
     lm = UniteLM(ensemble=ensemble, batch_size=2, greedy_check=False)
-    generated: list[str] = []  # contexts generated from
-    generate_texts = lm.generate_texts
-
-    def spy_generate(contexts: list[str], max_new_tokens: int, **settings):
-        generated.extend(contexts)
-        return generate_texts(contexts, max_new_tokens, **settings)
-
-    monkeypatch.setattr(lm, "generate_texts", spy_generate)
     contexts = ["Question: which letter comes first?\nAnswer:", "The quick brown"]
     choices = [" a", " b", " c", " d", " the", " fox jumps", " lazy dogs sleep", " 42 more lines"]
     pairs = [(context, choice) for context in contexts for choice in choices]
@@ -326,10 +353,37 @@ def test_choices_read_their_context_once_and_share_a_generation(members, monkeyp
         read_once = sum(len(tokenizer(context)["input_ids"]) for context in contexts)
         tokens = sum(map(len, reads[i]))
         assert tokens == rereads * read_once + len(contexts) * sum(len(ids) - 1 for ids in longer)
-    flags = lm.greedy_flags(pairs)  # one generation per context and choice length in bytes
-    assert sorted(generated) == sorted(contexts * len({len(choice.encode()) for choice in choices}))
-    for (context, choice), (value, _), greedy in zip(pairs, values, flags, strict=True):
+    for (context, choice), (value, _) in zip(pairs, values, strict=True):
         assert value == pytest.approx(reference_value(ensemble, context, choice), abs=1e-4)
+
+    # The greedy check, with a choice that is the ensemble's own text, so that a row runs to its end.
+    own = ensemble.generate(contexts, max_new_tokens=3, progress=False)
+    pairs += [(context, generation.text) for context, generation in zip(contexts, own, strict=True)]
+    runs: list[tuple[list[str], list[Generation]]] = []  # every generation: its prompts and results
+    generate = ensemble.generate
+
+    def spy_generate(prompts: list[str], **settings) -> list[Generation]:
+        runs.append((prompts, generate(prompts, **settings)))
+        return runs[-1][1]
+
+    monkeypatch.setattr(ensemble, "generate", spy_generate)
+    flags = lm.greedy_flags(pairs)
+    monkeypatch.undo()
+    ((prompts, generations),) = runs  # one generation, one row per context
+    assert prompts == contexts
+    for context, generation in zip(contexts, generations, strict=True):
+        targets = [x for c, x in pairs if c == context]
+        room = max(len(x.encode()) for x in targets)
+        # The complete characters after each step of a generation left to run its whole room.
+        recorder = Recorder(keep_logits=True)
+        whole = ensemble.generate([context], max_new_tokens=room, on_step=recorder, progress=False)[0]
+        assert whole.finish_reason == "length"
+        texts = [bytes(t.generated[0]) for t in recorder.traces[1:]] + [whole.text.encode()]
+        texts = [complete_characters(t) for t in texts]
+        decided = [not any(len(t) < len(x) and x.startswith(t) for x in targets) for t in texts]
+        assert generation.num_steps == decided.index(True) + 1 < room
+    assert any(flags)
+    for (context, choice), greedy in zip(pairs, flags, strict=True):
         own = ensemble.generate([context], max_new_tokens=len(choice.encode()), progress=False)[0].text
         assert greedy == own.startswith(choice)
 

@@ -32,10 +32,10 @@ How requests are answered:
   log of the weighted average of the models' probabilities of the continuation,
   ``log sum_i w_i exp(ll_i)`` with the ensemble's normalised weights, computed with log-sum-exp.
   ``is_greedy`` says whether the ensemble's greedy generation from the context starts with the
-  continuation (one short generation per context and continuation length; ``greedy_check=False`` skips
-  it and reports False). Requests with the same context (a multiple-choice question's choices) read it
-  once, and the contexts of a batch read their common prefix (a few-shot prompt) once
-  (``UniteLM.score_tokens``).
+  continuation (one generation per context, which ends as soon as its text has decided each of the
+  context's continuations; ``greedy_check=False`` skips it and reports False). Requests with the same
+  context (a multiple-choice question's choices) read it once, and the contexts of a batch read their
+  common prefix (a few-shot prompt) once (``UniteLM.score_tokens``).
 - ``loglikelihood_rolling``: each model's log-likelihood of the whole text (in windows of its maximum
   length, after its BOS, or EOS when it has no BOS), combined the same way.
 
@@ -53,6 +53,7 @@ file with ``chat_template`` set needs the harness's ``apply_chat_template=True``
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import json
@@ -484,30 +485,30 @@ class UniteLM(LM):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
         return results
 
-    def fit_contexts(self, contexts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def fit_contexts(self, contexts: Sequence[str], rooms: Sequence[int]) -> list[str]:
         """Each context, cut from the left where needed so that every model's encoding of it (as
-        ``Ensemble.generate`` encodes prompts) leaves ``max_new_tokens`` positions of its maximum length."""
-        budgets = [
-            (member.tokenizer, max(1, self.model_max_length(member) - max_new_tokens))
-            for member in self.members
-        ]
+        ``Ensemble.generate`` encodes prompts) leaves the context's room (new tokens) of its maximum
+        length."""
 
-        def fits(text: str) -> bool:
-            return all(len(tokenizer(text)["input_ids"]) <= budget for tokenizer, budget in budgets)
+        def fits(text: str, room: int) -> bool:
+            return all(
+                len(member.tokenizer(text)["input_ids"]) <= max(1, self.model_max_length(member) - room)
+                for member in self.members
+            )
 
         fitted = []
-        for context in contexts:
-            if not fits(context):
+        for context, room in zip(contexts, rooms, strict=True):
+            if not fits(context, room):
                 # Invariant: context[low:] does not fit, context[high:] does (the empty text always does).
                 low, high = 0, len(context)
                 while high - low > 1:
                     middle = (low + high) // 2
-                    low, high = (low, middle) if fits(context[middle:]) else (middle, high)
+                    low, high = (low, middle) if fits(context[middle:], room) else (middle, high)
                 logger.warning(
                     "unite: a context of %d characters was cut to its last %d to leave %d new tokens",
                     len(context),
                     len(context) - high,
-                    max_new_tokens,
+                    room,
                 )
                 context = context[high:]
             fitted.append(context)
@@ -515,49 +516,62 @@ class UniteLM(LM):
 
     def greedy_flags(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
         """Whether the ensemble's greedy generation from each context starts with the continuation (a
-        plain context without its trailing whitespace, which the continuation takes)."""
-        pairs = [p if self.conversation(p[0]) is not None else move_trailing_space(*p) for p in pairs]
-        # Requests with the same context and continuation length (a multiple-choice question's one-token
-        # choices, say) share one generation. Every step adds at least one byte, so as many steps as the
-        # continuation has bytes always cover it.
-        by_budget: dict[int, dict[str, None]] = {}
-        for context, continuation in pairs:
-            by_budget.setdefault(len(continuation.encode("utf-8")), {})[context] = None
-        generated: dict[tuple[str, int], str] = {}
-        for budget, distinct in by_budget.items():
-            contexts = list(distinct)
-            if any(not c for c in contexts):
-                raise ValueError("is_greedy needs a non-empty context; pass greedy_check=False")
-            texts = self.generate_texts(contexts, budget, progress=False)
-            generated.update(((c, budget), text) for c, text in zip(contexts, texts, strict=True))
-        return [generated[c, len(x.encode("utf-8"))].startswith(x) for c, x in pairs]
+        plain context without its trailing whitespace, which the continuation takes).
 
-    def generate_texts(self, contexts: Sequence[str], max_new_tokens: int, **settings: Any) -> list[str]:
+        A context is generated from once for all its continuations (a multiple-choice question's
+        choices), and its row ends as soon as its text decides every one of them: the text covers the
+        continuation or differs from it (the bytes of an unfinished character wait for the rest). Every
+        step adds at least one byte, so as many steps as the longest continuation has bytes (the context's
+        room) cover them all.
+        """
+        pairs = [p if self.conversation(p[0]) is not None else move_trailing_space(*p) for p in pairs]
+        targets: dict[str, list[str]] = {}
+        for context, continuation in pairs:
+            targets.setdefault(context, []).append(continuation)
+        contexts = list(targets)
+        if any(not c for c in contexts):
+            raise ValueError("is_greedy needs a non-empty context; pass greedy_check=False")
+        wanted = list(targets.values())
+
+        def decided(row: int, generated: bytes) -> bool:
+            text = codecs.getincrementaldecoder("utf-8")("replace").decode(generated)  # complete characters
+            return not any(len(text) < len(x) and x.startswith(text) for x in wanted[row])
+
+        rooms = [max(len(x.encode("utf-8")) for x in xs) for xs in wanted]
+        texts = self.generate_texts(contexts, rooms, stop_when=decided, progress=False)
+        generated = dict(zip(contexts, texts, strict=True))
+        return [generated[c].startswith(x) for c, x in pairs]
+
+    def generate_texts(
+        self, contexts: Sequence[str], max_new_tokens: int | Sequence[int], **settings: Any
+    ) -> list[str]:
         """The ensemble's generations from request contexts: plain texts (cut to fit, ``fit_contexts``) or
-        conversations, which each model renders with its template."""
+        conversations, which each model renders with its template. ``max_new_tokens``: for every context,
+        or one per context (each leaves room for its own; the generation takes the most)."""
+        rooms = [max_new_tokens] * len(contexts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         conversations = [self.conversation(context) for context in contexts]
         if all(messages is None for messages in conversations):
-            inputs: dict[str, Any] = {"prompts": self.fit_contexts(contexts, max_new_tokens)}
+            inputs: dict[str, Any] = {"prompts": self.fit_contexts(contexts, rooms)}
         elif all(messages is not None for messages in conversations):
-            self.check_chat_room(conversations, max_new_tokens)
+            self.check_chat_room(conversations, rooms)
             inputs = {"messages": conversations, "chat_template_kwargs": self.template_kwargs}
         else:
             raise ValueError("a batch of requests mixes plain contexts and conversations")
         generations = self.ensemble.generate(
-            **inputs, max_new_tokens=max_new_tokens, batch_size=self.batch_size, **settings
+            **inputs, max_new_tokens=max(rooms), batch_size=self.batch_size, **settings
         )
         return [generation.text for generation in generations]
 
-    def check_chat_room(self, conversations: Sequence[list[dict[str, Any]]], max_new_tokens: int) -> None:
-        """Every rendered conversation leaves every model ``max_new_tokens`` positions (none is cut)."""
+    def check_chat_room(self, conversations: Sequence[list[dict[str, Any]]], rooms: Sequence[int]) -> None:
+        """Every rendered conversation leaves every model its room (new tokens)."""
         for index, member in enumerate(self.members):
             limit = self.model_max_length(member)
-            for messages in conversations:
+            for messages, room in zip(conversations, rooms, strict=True):
                 text = render_chat(member.tokenizer, messages, self.template_kwargs[index])
                 length = len(member.tokenizer(text, add_special_tokens=False)["input_ids"])
-                if length + max_new_tokens > limit:
+                if length + room > limit:
                     raise ValueError(
-                        f"a conversation of {length} tokens leaves {member.name} fewer than {max_new_tokens} "
+                        f"a conversation of {length} tokens leaves {member.name} fewer than {room} "
                         f"of its {limit} positions (a conversation is not cut): use fewer few-shot turns "
                         "or a smaller max_gen_toks"
                     )
