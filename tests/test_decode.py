@@ -6,12 +6,13 @@ full forward passes without a cache, and the same rows decoded one by one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import re
-import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -494,20 +495,39 @@ def test_long_feeds_are_read_in_passes_of_at_most_max_pass_tokens(
         assert trimmed == (architecture != "llama")
 
 
-def test_slot_distance_models_decode_one_row_at_a_time(toy_tokenizers) -> None:
-    """MPT's ALiBi grows with the distance in cache slots: batches of rows are refused, and one row at a
-    time gives the logits of a fresh pass (a batch of one row never masks a slot between its tokens)."""
+def test_slot_distance_models_read_each_row_alone(toy_tokenizers) -> None:
+    """MPT's ALiBi grows with the distance in cache slots: it reads each row of a batch in passes of its
+    own, while the other model reads the rows together. The texts are those of rows decoded one by one,
+    and every step's logits those of a fresh pass."""
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
     models = [tiny_auto_model("mpt", toks[0], seed=40), tiny_model_for_tokenizer("llama", toks[1], seed=41)]
     ensemble = Ensemble(models, toks, k=4, sync="exact")
+    one_by_one = ensemble.generate(PROMPTS, max_new_tokens=16, batch_size=1, progress=False)
     recorder = Recorder(keep_logits=True)
-    one_by_one = ensemble.generate(PROMPTS, max_new_tokens=16, batch_size=1, on_step=recorder, progress=False)
-    with pytest.warns(UserWarning, match=r"models\[0\].*cache slots.*: decoding one row at a time"):
-        assert ensemble.generate(PROMPTS, max_new_tokens=16, batch_size=2, progress=False) == one_by_one
-    assert steps_with_slots_between_tokens(recorder, models, "cpu") == 0
-    with warnings.catch_warnings():  # one row is one batch: nothing to warn about
-        warnings.simplefilter("error")
-        ensemble.generate(PROMPTS[:1], max_new_tokens=4, batch_size=8, progress=False)
+    with rows_per_pass(models) as rows_read:
+        batched = ensemble.generate(
+            PROMPTS, max_new_tokens=16, batch_size=3, on_step=recorder, progress=False
+        )
+    assert batched == one_by_one
+    assert rows_read[0] == {1} and max(rows_read[1]) == 3
+    steps_with_slots_between_tokens(recorder, models, "cpu")
+
+
+@contextlib.contextmanager
+def rows_per_pass(models: list[PreTrainedModel]) -> Iterator[list[set[int]]]:
+    """Per model, the numbers of rows its forward passes read within the block."""
+    rows: list[set[int]] = [set() for _ in models]
+    hooks = [
+        model.register_forward_pre_hook(
+            lambda _, args, kwargs, seen=seen: seen.add(kwargs["input_ids"].shape[0]), with_kwargs=True
+        )
+        for seen, model in zip(rows, models, strict=True)
+    ]
+    try:
+        yield rows
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @pytest.mark.parametrize(
@@ -593,15 +613,15 @@ class RollBackMore:
 
 @pytest.mark.parametrize(("sync", "copies"), [("exact", True), ("exact", False), ("fast", False)])
 @pytest.mark.parametrize("model_type", sorted(RECURRENT_OVERRIDES))
-def test_recurrent_models_decode_one_row_at_a_time(
+def test_recurrent_models_read_each_row_alone(
     toy_tokenizers, monkeypatch, model_type: str, sync: str, copies: bool
 ) -> None:
-    """A model with recurrent layers cannot take back a token: it decodes one row at a time, and after a
-    rollback (here, in exact mode, at every other step) goes back to its cache as it was before its last
-    forward pass (when rollbacks are frequent enough to pay for copies; `copies=False` raises the bar out
-    of reach), or reads its tokens again when the rollback reaches further back or there is no copy.
-    Prompts and rereads go in passes of 4 tokens. Every step's logits are those of a fresh pass over the
-    row's tokens."""
+    """A model with recurrent layers cannot take back a token: it reads each row of a batch in passes of
+    its own (the other model reads the rows together), and after a rollback (here, in exact mode, at every
+    other step) goes back to its cache as it was before its last forward pass (when rollbacks are frequent
+    enough to pay for copies; `copies=False` raises the bar out of reach), or reads its tokens again when
+    the rollback reaches further back or there is no copy. Prompts and rereads go in passes of 4 tokens.
+    Every step's logits are those of a fresh pass over the row's tokens."""
     toks = [toy_tokenizers["toy_byte"], toy_tokenizers["toy_sp"]]
     try:
         recurrent = tiny_auto_model(model_type, toks[0], seed=60, **RECURRENT_OVERRIDES[model_type])
@@ -620,27 +640,36 @@ def test_recurrent_models_decode_one_row_at_a_time(
     if not copies:
         monkeypatch.setattr(unite_ext.decode, "COPY_ROLLBACK_RATE", 1.0)
     ensemble = Ensemble(models, toks, k=4, sync=sync, max_pass_tokens=4)
-    if sync == "exact":  # within the last forward pass's tokens (1), and beyond them (3)
-        ensemble._synchronizers[0] = RollBackMore(ensemble._synchronizers[0], extra=(1, 0, 3, 0))
-    passes: list[tuple[int, int]] = []  # (first position, tokens) of each forward pass of the model
-    hook = recurrent.register_forward_pre_hook(
-        lambda _, args, kwargs: passes.append(
-            (int(kwargs["position_ids"][0, 0]), kwargs["position_ids"].shape[1])
-        ),
-        with_kwargs=True,
-    )
+    if sync == "exact":  # within the last forward pass's tokens (1), and beyond them (3); five values, so
+        # that each of the four rows meets every one (a row rolled back at every step never holds a copy)
+        ensemble._synchronizers[0] = RollBackMore(ensemble._synchronizers[0], extra=(1, 0, 3, 0, 0))
+    # Per row of the recurrent model (its one-row batch): (first position, tokens) of each forward pass.
+    passes: dict[unite_ext.decode._ModelBatch, list[tuple[int, int]]] = defaultdict(list)
+    read_pass = unite_ext.decode._ModelBatch._pass
+
+    def spy_pass(run: unite_ext.decode._ModelBatch, feeds: list[list[int]], keep: int) -> torch.Tensor:
+        if run.member.index == 0:
+            ((feed,), (slots,)) = feeds, run.slots
+            passes[run].append((len(slots), len(feed)))
+        return read_pass(run, feeds, keep)
+
+    monkeypatch.setattr(unite_ext.decode._ModelBatch, "_pass", spy_pass)
     recorder = Recorder(keep_logits=True)
-    with pytest.warns(UserWarning, match=r"models\[0\].*layers, whose state.*decoding one row at a time"):
+    with rows_per_pass(models) as rows_read:
         ensemble.generate(PROMPTS, max_new_tokens=12, batch_size=4, on_step=recorder, progress=False)
-    hook.remove()
-    assert all(len(trace.rows) == 1 for trace in recorder.traces)
+    assert rows_read[0] == {1} and max(rows_read[1]) == len(PROMPTS)  # the other model batches the rows
+    assert len(passes) == len(PROMPTS) and max(len(trace.rows) for trace in recorder.traces) == len(PROMPTS)
     # Chunked (prompt) and step-by-step (decode) scans of a recurrence round differently: 1e-3, where a
     # state that kept rolled-back tokens is off by 1e-2 and more.
-    assert steps_with_slots_between_tokens(recorder, models, "cpu", atol=1e-3) == 0
-    # A pass that starts before the end of the one before it went back to a copy of the cache; one that
-    # starts at position 0, other than a row's first, read the row again.
-    restored = sum(0 < start < sum(before) for before, (start, _) in zip(passes, passes[1:], strict=False))
-    reread = sum(start == 0 for start, _ in passes) - len(PROMPTS)
+    steps_with_slots_between_tokens(recorder, models, "cpu", atol=1e-3)
+    # A pass that starts before the end of the row's pass before it went back to a copy of the cache; one
+    # that starts at position 0, other than the row's first, read the row again.
+    restored = sum(
+        0 < start < sum(before)
+        for row in passes.values()
+        for before, (start, _) in zip(row, row[1:], strict=False)
+    )
+    reread = sum(start == 0 for row in passes.values() for start, _ in row) - len(PROMPTS)
     if copies:
         assert restored >= 5 and reread >= 5, (restored, reread)
     elif sync == "exact":

@@ -128,7 +128,8 @@ def test_loglikelihood_is_the_weighted_mixture_of_each_models_score(members):
 @pytest.mark.parametrize("model_type", ["qwen3_5_text", "lfm2"])
 def test_a_recurrent_model_in_the_harness(members, model_type):
     """Batched, left-padded scoring is exact for a recurrent model too (padding enters its state as zeros,
-    which leave it empty); generation falls back to one row at a time."""
+    which leave it empty); generation reads each row of a batch alone and gives the texts of one row at a
+    time."""
     if not _decodes_recurrent(model_type):
         pytest.skip(f"transformers {transformers.__version__} is too old for {model_type} (refused)")
     _, tokenizer = members[0]
@@ -146,8 +147,7 @@ def test_a_recurrent_model_in_the_harness(members, model_type):
         continuation_ids = ensemble.tables.encode_mid_text(0, continuation.encode())
         assert value == pytest.approx(reference_loglikelihood(model, context_ids, continuation_ids), abs=1e-4)
     settings = {"until": ["\n"], "max_gen_toks": 6}
-    with pytest.warns(UserWarning, match="decoding one row at a time"):
-        outputs = lm.generate_until([request("generate_until", c, dict(settings)) for c, _ in pairs])
+    outputs = lm.generate_until([request("generate_until", c, dict(settings)) for c, _ in pairs])
     assert outputs == [
         ensemble.generate([c], max_new_tokens=6, stop="\n", progress=False)[0].text for c, _ in pairs
     ]

@@ -22,7 +22,6 @@ import functools
 import inspect
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -129,19 +128,13 @@ class _Member:
                 "chunks wrongly)"
             )
         # A recurrent state cannot take back a token: after a rollback such a model goes back to a copy of
-        # its cache or reads its tokens again (see _ModelBatch.forward), and cannot share a batch with other
-        # rows (their padding would enter its state).
+        # its cache or reads its tokens again (see _ModelBatch.forward).
         self.recurrent = bool(recurrent)
         self.local_attention = _local_attention(self.name, config, model.get_input_embeddings().weight.dtype)
-        # Why this model decodes one row at a time, if it must.
-        self.one_row_reason = (
-            f"has {recurrent} layers, whose state would take in the padding between a batch row's tokens"
-            if recurrent
-            else "biases attention by distances in cache slots, which the masked padding and rolled-back "
-            "slots between a batch row's tokens would stretch"
-            if config.model_type in _SLOT_DISTANCE_MODELS
-            else None
-        )
+        # A recurrent state would take in the masked slots (padding, rolled-back tokens) between a batch
+        # row's tokens, and MPT's ALiBi, which counts distances in cache slots, would be stretched by them:
+        # such a model decodes each row of a batch in passes of its own (_RowByRow).
+        self.reads_rows_alone = self.recurrent or config.model_type in _SLOT_DISTANCE_MODELS
         # Learned position embeddings end at the context length (positions past it index out of range);
         # RoPE without scaling has not been trained past it. Scaled RoPE is meant to reach beyond it.
         self.context_limit = None if _scales_rope(config) else context_length(config)
@@ -723,7 +716,7 @@ def _new_batch(
     shared = min(map(len, prompts)) - 1
     for prompt in prompts[1:]:
         shared = next((i for i in range(shared) if prompt[i] != prompts[0][i]), shared)
-    if member.one_row_reason is not None or (len(prompts) - 1) * shared < SHARED_PREFIX_MIN_SAVING:
+    if member.reads_rows_alone or (len(prompts) - 1) * shared < SHARED_PREFIX_MIN_SAVING:
         return _ModelBatch(member, prompts, stream, max_pass_tokens), prompts
     run = _ModelBatch(member, [prompts[0][:shared]], stream, max_pass_tokens)
     with _on_stream(stream):
@@ -732,6 +725,62 @@ def _new_batch(
         run.keep_rows([0] * len(prompts))
     run.prompts, run.continuations = prompts, [Continuation() for _ in prompts]  # rows of their own
     return run, [prompt[shared:] for prompt in prompts]
+
+
+class _RowByRow:
+    """A batch of a model that must read each row without masked slots between its tokens
+    (`_Member.reads_rows_alone`): a one-row `_ModelBatch` per row behind the batch's interface, each read
+    in passes of its own, so that the ensemble's other models still read the rows together."""
+
+    def __init__(self, rows: list[_ModelBatch]):
+        self.rows = rows
+        self.member, self.stream = rows[0].member, rows[0].stream
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [run.prompts[0] for run in self.rows]
+
+    @property
+    def continuations(self) -> list[Continuation]:
+        return [run.continuations[0] for run in self.rows]
+
+    def forward(self, feeds: list[list[int]]) -> Tensor:
+        """Each row reads its feed in passes of its own; returns the logits [B, V] after its last token."""
+        return torch.cat([run.forward([feed]) for run, feed in zip(self.rows, feeds, strict=True)])
+
+    def tokens(self, row: int) -> list[int]:
+        return self.rows[row].tokens(0)
+
+    def exceeds_context(self, row: int, feed: list[int]) -> bool:
+        return self.rows[row].exceeds_context(0, feed)
+
+    def roll_back(self, row: int, count: int) -> None:
+        self.rows[row].roll_back(0, count)
+
+    def crop(self) -> None:
+        for run in self.rows:
+            run.crop()
+
+    def join(self, other: _RowByRow) -> None:
+        self.rows += other.rows
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.rows = [self.rows[b] for b in rows]
+
+
+# One model's state over a batch in the decoding loop.
+_Batch = _ModelBatch | _RowByRow
+
+
+def _decoding_batch(
+    member: _Member, prompts: list[list[int]], stream: torch.cuda.Stream | None, max_pass_tokens: int
+) -> tuple[_Batch, list[list[int]]]:
+    """A batch of `prompts` to decode, and what each row has left to read: a `_RowByRow` for a model that
+    must read each row alone, else `_new_batch`'s."""
+    if member.reads_rows_alone:
+        rows = [_ModelBatch(member, [prompt], stream, max_pass_tokens) for prompt in prompts]
+        return _RowByRow(rows), prompts
+    return _new_batch(member, prompts, stream, max_pass_tokens)
 
 
 # Rows that start with this many tokens in common (a few-shot prompt's) are batched together, so that a
@@ -834,7 +883,7 @@ def _publish(row: _Row, settings: _Settings) -> None:
 
 
 def _drop_finished(
-    runs: list[_ModelBatch], rows: list[_Row], per_row: list[list[Any]], bar: tqdm
+    runs: list[_Batch], rows: list[_Row], per_row: list[list[Any]], bar: tqdm
 ) -> tuple[list[_Row], list[list[Any]]]:
     """The unfinished rows, kept in every model's batch (finished rows stop costing compute), and each
     list of `per_row` values restricted to them; the progress bar counts the finished ones."""
@@ -1071,10 +1120,10 @@ class Ensemble:
             temperature, top_p: sampling parameters (only with do_sample). Defaults 1.0 and 1.0.
             seed: seed of the sampling random numbers; None uses torch's global generator.
             batch_size: rows decoded together; waiting rows join a batch once at most half of it is left.
-                Default 8; 1 (with a warning) for models that decode one row at a time (recurrent layers,
-                MPT). Prompts that start alike (a few-shot prompt) are batched together, and the rows of a
-                new batch, or those joining one, read their common prefix once where that pays
-                (`_new_batch`).
+                Default 8. A model that must read each row alone (recurrent layers, MPT) reads the rows of a
+                batch in passes of their own, while the other models read them together. Prompts that
+                start alike (a few-shot prompt) are batched together, and the rows of a new batch, or those
+                joining one, read their common prefix once where that pays (`_new_batch`).
             stream: called as stream(row_index, text_delta) whenever a row's text grows.
             on_step: called with a `StepTrace` before every ensemble step (inspection; it must not
                 modify what it is given).
@@ -1091,14 +1140,6 @@ class Ensemble:
         rows = [_Row(index, ids) for index, ids in enumerate(encoded)]
         check_int("max_new_tokens", max_new_tokens, 1)
         check_int("batch_size", batch_size, 1)
-        if batch_size > 1 and len(rows) > 1 and (single := [m for m in self.members if m.one_row_reason]):
-            # The same texts as in batches, only slower.
-            warnings.warn(
-                f"{single[0].name} {single[0].one_row_reason}: decoding one row at a time "
-                f"(batch_size 1, not {batch_size})",
-                stacklevel=2,
-            )
-            batch_size = 1
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
@@ -1140,14 +1181,14 @@ class Ensemble:
         ]
         waiting = collections.deque(pending)
         rows: list[_Row] = []
-        runs: list[_ModelBatch] = []
+        runs: list[_Batch] = []
         feeds: list[list[list[int]]] = []
         while True:
-            joining: list[tuple[_ModelBatch, list[list[int]]]] = []  # each model's new batch, its feeds
+            joining: list[tuple[_Batch, list[list[int]]]] = []  # each model's new batch, its feeds
             if waiting and len(rows) <= batch_size // 2:
                 newcomers = [waiting.popleft() for _ in range(min(len(waiting), batch_size - len(rows)))]
                 joining = [
-                    _new_batch(
+                    _decoding_batch(
                         m, [row.prompt_ids[m.index] for row in newcomers], stream, self.max_pass_tokens
                     )
                     for m, stream in zip(self.members, streams, strict=True)
@@ -1182,8 +1223,8 @@ class Ensemble:
 
     def _join(
         self,
-        runs: list[_ModelBatch],
-        joining: list[tuple[_ModelBatch, list[list[int]]]],
+        runs: list[_Batch],
+        joining: list[tuple[_Batch, list[list[int]]]],
         logits: list[Tensor],
     ) -> list[Tensor]:
         """The batches in `joining` read what their rows' prompts have left to read (each with its feeds,
@@ -1199,7 +1240,7 @@ class Ensemble:
                 run.join(newcomers)
         return [torch.cat([old, new]) for old, new in zip(logits, added, strict=True)]
 
-    def _extend(self, run: _ModelBatch, rows: list[_Row], next_canon: list[int]) -> list[list[int]]:
+    def _extend(self, run: _Batch, rows: list[_Row], next_canon: list[int]) -> list[list[int]]:
         """Extend one model's continuations after a step; returns each row's tokens to feed."""
         synchronizer = self._synchronizers[run.member.index]
         feeds = []
@@ -1214,7 +1255,7 @@ class Ensemble:
             run.crop()
         return feeds
 
-    def _forward(self, runs: list[_ModelBatch], feeds: list[list[list[int]]]) -> list[Tensor]:
+    def _forward(self, runs: list[_Batch], feeds: list[list[list[int]]]) -> list[Tensor]:
         """Every model's last-position logits, each where its model computed them.
 
         On CUDA every model runs on its own stream, so that the models' forward passes overlap; the
@@ -1245,7 +1286,7 @@ class Ensemble:
             return ensemble_step(logits, self._tables_for(device), **options)
         return ensemble_step_across_devices(logits, [self._tables_for(x.device) for x in logits], **options)
 
-    def _trace(self, rows: list[_Row], runs: list[_ModelBatch], logits: list[Tensor]) -> StepTrace:
+    def _trace(self, rows: list[_Row], runs: list[_Batch], logits: list[Tensor]) -> StepTrace:
         return StepTrace(
             steps=[row.num_steps for row in rows],
             rows=[row.index for row in rows],

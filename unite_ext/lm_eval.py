@@ -300,7 +300,7 @@ class UniteLM(LM):
         (a multiple-choice question's choices) read it once, as one row: its last logits score each
         continuation's first token, and then each continuation of more tokens reads the rest in a row of
         its own, from a copy of that row's cache (masked slots pad the copies' tails on the left). A model
-        that must read a row's tokens without masked slots between them (``one_row_reason``: recurrent
+        that must read a row's tokens without masked slots between them (``reads_rows_alone``: recurrent
         layers, slot-distance biases) reads each request's tokens in one row instead (requests reading
         the same tokens still share it). Rows that start with the same
         ``unite_ext.decode.PREFIX_GROUP_TOKENS`` tokens (a few-shot prompt's) are batched together, and a
@@ -315,7 +315,7 @@ class UniteLM(LM):
         member = self.members[index]
         limit = self.model_max_length(member)
         budget = self.ensemble.max_pass_tokens
-        shares = member.one_row_reason is None
+        shares = not member.reads_rows_alone
         readers: dict[tuple[int, ...], list[int]] = {}  # the tokens a row reads first -> the requests
         tails = []  # each request's continuation tokens read after its row's, in a row of its own
         for request, (context, continuation) in enumerate(pairs):
