@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Finds the transformers releases with which each recurrent model type decodes correctly: runs
-# test_recurrent_models_decode_one_row_at_a_time (every step against a fresh pass) with every release given
+# test_recurrent_models_read_each_row_alone (every step against a fresh pass) with every release given
 # (default: every 5.x release the package index has), the floors of unite_ext/decode.py lifted, in
 # .recurrent-floors/ (a virtual environment with .venv's torch, reusing the extension built in place), and
 # prints per release the model types that failed. A type's floor (_RECURRENT_MODELS) is the release from
@@ -20,7 +20,7 @@ fi
 for release in "${releases[@]}"; do
   $venv/bin/python -m pip install -q "transformers==$release"
   failed=$({ UNITE_EXT_LIFT_RECURRENT_FLOORS=1 PYTHONPATH=$PWD $venv/bin/python -m pytest -q -p no:cacheprovider \
-    tests/test_decode.py -k recurrent_models_decode_one_row_at_a_time -rfs 2>&1 || true; } |
+    tests/test_decode.py -k recurrent_models_read_each_row_alone -rfs 2>&1 || true; } |
     sed -n 's/^FAILED [^[]*\[\([^]]*\)\].*/\1/p; s/^SKIPPED .*builds no \([a-z0-9_]*\) model.*/\1 (not in this release)/p' |
     sort -u | tr '\n' ' ')
   echo "transformers $release: ${failed:-all pass}"

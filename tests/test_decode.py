@@ -446,7 +446,7 @@ def test_a_rollback_past_the_kept_keys_reads_the_row_again(
 
 
 # A full-attention model (2-D masks) and local-attention ones (4-D masks by position, keys dropped as the
-# passes go); recurrent models are read in passes in test_recurrent_models_decode_one_row_at_a_time.
+# passes go); recurrent models are read in passes in test_recurrent_models_read_each_row_alone.
 PASS_CASES = [
     ("llama", {}),
     *[(architecture, overrides) for architecture, _, overrides in LOCAL_ATTENTION_CASES[:3]],
