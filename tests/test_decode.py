@@ -842,7 +842,7 @@ def test_stop_strings_and_length_with_streaming(mixed_ensemble_parts) -> None:
         return len(generated) >= most + row
 
     again = ensemble.generate(
-        PROMPTS, max_new_tokens=15, stop_when=partial(long_enough, most=100), progress=False
+        PROMPTS, max_new_tokens=15, stop_when=partial(long_enough, most=10**6), progress=False
     )
     assert again == full and [len(seen[r]) for r in range(len(PROMPTS))] == [15] * len(PROMPTS)
     whole, seen = dict(seen), defaultdict(list)
