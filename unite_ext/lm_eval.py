@@ -490,10 +490,11 @@ class UniteLM(LM):
         ``Ensemble.generate`` encodes prompts) leaves the context's room (new tokens) of its maximum
         length."""
 
+        limits = [(member.tokenizer, self.model_max_length(member)) for member in self.members]
+
         def fits(text: str, room: int) -> bool:
             return all(
-                len(member.tokenizer(text)["input_ids"]) <= max(1, self.model_max_length(member) - room)
-                for member in self.members
+                len(tokenizer(text)["input_ids"]) <= max(1, limit - room) for tokenizer, limit in limits
             )
 
         fitted = []
