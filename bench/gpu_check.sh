@@ -41,6 +41,10 @@ step() {
   return $rc
 }
 
+# The sanitizer and ncu where the PATH lacks them.
+for tools in /usr/local/cuda/bin /opt/nvidia/nsight-compute/*; do
+  [ -d "$tools" ] && PATH=$PATH:$tools
+done
 card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
 echo "card: $card"
 # The system compiler: a toolchain that links libstdc++ statically (seen under /opt/gcc) turns every
@@ -58,12 +62,9 @@ step bench_target 90 "$PY" bench/bench_step.py --device cuda --models 2 --dtypes
   --cuda-topk bitonic --out "$OUT/bench_target.md"
 # Where the time of those steps goes, kernel by kernel (the profiler's timings; ncu below may lack counters).
 step timeline 60 "$PY" bench/gpu_exercise.py --timeline
-step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
-step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
-step racecheck_bitonic 120 env UNITE_EXT_CUDA_TOPK=bitonic \
-  compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
-step memcheck_bitonic 120 env UNITE_EXT_CUDA_TOPK=bitonic \
-  compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+# gpu_exercise.py runs every case with each warp list.
+step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
+step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step cuda_tests_bitonic 150 env UNITE_EXT_CUDA_TOPK=bitonic \
   "$PY" -m pytest tests/test_step.py -q -k cuda --maxfail=15 -p no:cacheprovider
 step bench_step 150 "$PY" bench/bench_step.py --device cuda --out "$OUT/bench_step.md"

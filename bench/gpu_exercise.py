@@ -53,48 +53,63 @@ def random_tables(vocab_sizes: tuple[int, ...], num_canonical: int, gen: torch.G
 
 
 def main() -> int:
-    gen = torch.Generator().manual_seed(0)
-    failures = 0
-    for vocab_sizes, batch, k, dtype in CASES:
-        to_canon, from_canon = random_tables(vocab_sizes, 3000, gen)
-        logits = [(torch.randn(batch, v, generator=gen) * 3).to(dtype) for v in vocab_sizes]
-        logits[0][0, 3] = float("nan")  # row 0 of model 0 is left out
-        uniforms = torch.rand(batch, generator=gen)
-        for temperature, top_p in ((0.0, 1.0), (0.8, 0.9)):
-            cpu = unite_ext.ensemble_step(
-                logits, (to_canon, from_canon), k, None, temperature, top_p, None, uniforms
-            )
-            gpu = unite_ext.ensemble_step(
-                [x.cuda() for x in logits],
-                ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
-                k,
-                None,
-                temperature,
-                top_p,
-                None,
-                uniforms.cuda(),
-            )
-            stages = unite_ext.union_average(
-                [x.cuda() for x in logits],
-                ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
-                [unite_ext.topk_stats(x.cuda(), t.cuda(), k) for x, t in zip(logits, to_canon, strict=True)],
-                None,
-                temperature,
-                top_p,
-                None,
-                uniforms.cuda(),
-            )
-            for name, a, b, c in zip(cpu._fields, cpu, gpu, stages, strict=True):
-                b, c = b.cpu(), c.cpu()
-                same = torch.equal(b, c) and (
-                    torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)
-                )
-                if not same:
-                    failures += 1
-                    print(f"MISMATCH {name} vocab={vocab_sizes} B={batch} k={k} {dtype} T={temperature}")
-    torch.cuda.synchronize()
+    failures = sum(exercise(warp_list) for warp_list in CUDA_TOPK_LISTS)
     print("gpu_exercise:", "ok" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
+
+
+def exercise(warp_list: str) -> int:
+    """Runs CASES with one CUDA warp list; returns the number of mismatches."""
+    gen = torch.Generator().manual_seed(0)
+    failures = 0
+    with cuda_topk_list(warp_list):
+        for case in CASES:
+            failures += exercise_case(*case, gen, warp_list)
+    torch.cuda.synchronize()
+    return failures
+
+
+def exercise_case(
+    vocab_sizes: tuple[int, ...], batch: int, k: int, dtype: torch.dtype, gen: torch.Generator, warp_list: str
+) -> int:
+    failures = 0
+    to_canon, from_canon = random_tables(vocab_sizes, 3000, gen)
+    logits = [(torch.randn(batch, v, generator=gen) * 3).to(dtype) for v in vocab_sizes]
+    logits[0][0, 3] = float("nan")  # row 0 of model 0 is left out
+    uniforms = torch.rand(batch, generator=gen)
+    for temperature, top_p in ((0.0, 1.0), (0.8, 0.9)):
+        cpu = unite_ext.ensemble_step(
+            logits, (to_canon, from_canon), k, None, temperature, top_p, None, uniforms
+        )
+        gpu = unite_ext.ensemble_step(
+            [x.cuda() for x in logits],
+            ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
+            k,
+            None,
+            temperature,
+            top_p,
+            None,
+            uniforms.cuda(),
+        )
+        stages = unite_ext.union_average(
+            [x.cuda() for x in logits],
+            ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
+            [unite_ext.topk_stats(x.cuda(), t.cuda(), k) for x, t in zip(logits, to_canon, strict=True)],
+            None,
+            temperature,
+            top_p,
+            None,
+            uniforms.cuda(),
+        )
+        for name, a, b, c in zip(cpu._fields, cpu, gpu, stages, strict=True):
+            b, c = b.cpu(), c.cpu()
+            same = torch.equal(b, c) and (
+                torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)
+            )
+            if not same:
+                failures += 1
+                print(f"MISMATCH {name} [{warp_list}] {vocab_sizes=} B={batch} {k=} {dtype} T={temperature}")
+    return failures
 
 
 TargetStep = tuple[int, list[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]
