@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA path on a GPU machine, in one go: build, CUDA tests, compute-sanitizer, benchmarks, and a
-# summary table last. Run from the repository root; logs go to $OUT (default /tmp/unite_gpu_check).
+# summary table last. Run from the repository root; logs go to $LOGS (default /tmp/unite_gpu_check) and,
+# where $OUT names a folder whose files come back (the device tool's), into one archive $OUT/logs.tar.gz,
+# renewed after each step (that tool returns at most 8 files).
 #   bash bench/device_carry.sh        # beforehand, where ../shared is: tokenizer files into .device_carry/
 #   bash bench/gpu_check.sh           # on the GPU machine, with .device_carry/ sent along
 set -u
-OUT=${OUT:-/tmp/unite_gpu_check}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/unite_gpu_check}
+mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # Without the real tokenizer files the decode tests that need them skip, and bench_decode.py falls back
 # to tokenizers trained on the spot.
@@ -21,7 +23,11 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-570}
 rows=()
 
-# step NAME TIMEOUT COMMAND...: runs COMMAND with its output in $OUT/NAME.log and records the outcome.
+archive_logs() {
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/logs.tar.gz" -C "$LOGS" .; fi
+}
+
+# step NAME TIMEOUT COMMAND...: runs COMMAND with its output in $LOGS/NAME.log and records the outcome.
 step() {
   local name=$1 limit=$2
   shift 2
@@ -33,11 +39,12 @@ step() {
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
+  archive_logs
   rows+=("| $name | $([ $rc -eq 0 ] && echo ok || echo "FAILED (rc $rc)") | $((SECONDS - start)) s |")
   echo "== $name: rc=$rc"
-  tail -n 4 "$OUT/$name.log"
+  tail -n 4 "$LOGS/$name.log"
   return $rc
 }
 
@@ -59,7 +66,7 @@ step build 240 env MAX_JOBS=16 "${compilers[@]}" "$PY" -m pip install --no-build
 step cuda_tests 200 "$PY" -m pytest tests/test_step.py -q --maxfail=15 -p no:cacheprovider
 # The targets first (N = 2, bf16, B = 1 and 64; both warp lists side by side), then the sanitizers.
 step bench_target 90 "$PY" bench/bench_step.py --device cuda --models 2 --dtypes bfloat16 --batch-sizes 1,64 \
-  --cuda-topk bitonic --out "$OUT/bench_target.md"
+  --cuda-topk bitonic --out "$LOGS/bench_target.md"
 # Where the time of those steps goes, kernel by kernel (the profiler's timings; ncu below may lack counters).
 step timeline 60 "$PY" bench/gpu_exercise.py --timeline
 # gpu_exercise.py runs every case with each warp list.
@@ -67,7 +74,7 @@ step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" ben
 step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step cuda_tests_bitonic 150 env UNITE_EXT_CUDA_TOPK=bitonic \
   "$PY" -m pytest tests/test_step.py -q -k cuda --maxfail=15 -p no:cacheprovider
-step bench_step 150 "$PY" bench/bench_step.py --device cuda --out "$OUT/bench_step.md"
+step bench_step 150 "$PY" bench/bench_step.py --device cuda --out "$LOGS/bench_step.md"
 # Hardware counters of the step's kernels (some virtual machines refuse ncu the counters: then it fails alone).
 step ncu 150 ncu --clock-control none --kernel-name regex:"topk|union" --section SpeedOfLight \
   --section LaunchStats --section Occupancy --section WarpStateStats "$PY" bench/gpu_exercise.py --profile
@@ -81,7 +88,7 @@ echo "## GPU check on $card ($(date -u +%Y-%m-%d))"
 echo "| step | result | time |"
 echo "| --- | --- | --- |"
 printf '%s\n' "${rows[@]}"
-grep -H -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck*.log "$OUT"/racecheck*.log 2>/dev/null
-for table in "$OUT/bench_target.md" "$OUT/timeline.log" "$OUT/bench_step.md"; do
+grep -H -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS"/memcheck*.log "$LOGS"/racecheck*.log 2>/dev/null
+for table in "$LOGS/bench_target.md" "$LOGS/timeline.log" "$LOGS/bench_step.md"; do
   [ -f "$table" ] && cat "$table"
 done
