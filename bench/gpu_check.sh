@@ -62,25 +62,23 @@ step build 240 env MAX_JOBS=16 "${compilers[@]}" "$PY" -m pip install --no-build
   printf '%s\n' "${rows[@]}"
   exit 1
 }
-# The CUDA tests (test_cuda_warp_lists_agree runs both warp lists; the rest the default one).
+# The CUDA tests.
 step cuda_tests 200 "$PY" -m pytest tests/test_step.py -q --maxfail=15 -p no:cacheprovider
-# The targets first (N = 2, bf16, B = 1 and 64; both warp lists side by side), then the sanitizers.
+# The targets first (N = 2, bf16, B = 1 and 64), then the sanitizers.
 step bench_target 90 "$PY" bench/bench_step.py --device cuda --models 2 --dtypes bfloat16 --batch-sizes 1,64 \
-  --cuda-topk bitonic --out "$LOGS/bench_target.md"
+  --out "$LOGS/bench_target.md"
 # Where the time of those steps goes, kernel by kernel (the profiler's timings; ncu below may lack counters).
 step timeline 60 "$PY" bench/gpu_exercise.py --timeline
-# gpu_exercise.py runs every case with each warp list.
 step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
 step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_exercise.py
-step cuda_tests_bitonic 150 env UNITE_EXT_CUDA_TOPK=bitonic \
-  "$PY" -m pytest tests/test_step.py -q -k cuda --maxfail=15 -p no:cacheprovider
 step bench_step 150 "$PY" bench/bench_step.py --device cuda --out "$LOGS/bench_step.md"
 # Hardware counters of the step's kernels (some virtual machines refuse ncu the counters: then it fails alone).
 step ncu 150 ncu --clock-control none --kernel-name regex:"topk|union" --section SpeedOfLight \
-  --section LaunchStats --section Occupancy --section WarpStateStats "$PY" bench/gpu_exercise.py --profile
+  --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+  --section MemoryWorkloadAnalysis --section SourceCounters "$PY" bench/gpu_exercise.py --profile
 if [ -f bench/bench_decode.py ] && [ -z "${SKIP_DECODE:-}" ]; then
   step decode_cuda_tests 150 "$PY" -m pytest tests/test_decode.py -q -k "cuda or devices" -p no:cacheprovider
-  step bench_decode 120 "$PY" bench/bench_decode.py --device cuda
+  step bench_decode 120 "$PY" bench/bench_decode.py --device cuda --new-tokens 64 256
 fi
 
 echo

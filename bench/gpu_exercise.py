@@ -2,8 +2,7 @@
 
 Short on purpose: compute-sanitizer (memcheck, racecheck) runs it. Exits non-zero on a mismatch.
 With --profile it only runs the benchmark's target steps once each (N = 2, Qwen2 + Llama-3
-vocabularies, k = 10, bf16, B = 1 and 64: three kernel launches apiece), with each CUDA warp list, for
-`ncu` to read. With --timeline it times each kernel of those steps with the PyTorch profiler (no hardware
+vocabularies, k = 10, bf16, B = 1 and 64: three kernel launches apiece), for `ncu` to read. With --timeline it times each kernel of those steps with the PyTorch profiler (no hardware
 counters needed, unlike ncu) and the host's time per call, eager (with and without the Python layer)
 and replayed from a CUDA graph, and prints a markdown table.
 """
@@ -26,12 +25,10 @@ from unite_ext.benchmark import (
     MODEL_VOCAB_SIZES,
     NUM_CANONICAL,
     cuda_graph_replay,
-    cuda_topk_list,
     synthetic_logits,
     synthetic_tables,
 )
 from unite_ext.defaults import DEFAULT_K
-from unite_ext.step import CUDA_TOPK_LISTS
 
 # (vocabulary sizes, batch, k, dtype): odd sizes exercise unaligned rows, k > V empty slots, k > 32
 # the two-slot warp lists.
@@ -53,25 +50,17 @@ def random_tables(vocab_sizes: tuple[int, ...], num_canonical: int, gen: torch.G
 
 
 def main() -> int:
-    failures = sum(exercise(warp_list) for warp_list in CUDA_TOPK_LISTS)
+    gen = torch.Generator().manual_seed(0)
+    failures = sum(exercise_case(*case, gen) for case in CASES)
+    torch.cuda.synchronize()
     print("gpu_exercise:", "ok" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
 
 
-def exercise(warp_list: str) -> int:
-    """Runs CASES with one CUDA warp list; returns the number of mismatches."""
-    gen = torch.Generator().manual_seed(0)
-    failures = 0
-    with cuda_topk_list(warp_list):
-        for case in CASES:
-            failures += exercise_case(*case, gen, warp_list)
-    torch.cuda.synchronize()
-    return failures
-
-
 def exercise_case(
-    vocab_sizes: tuple[int, ...], batch: int, k: int, dtype: torch.dtype, gen: torch.Generator, warp_list: str
+    vocab_sizes: tuple[int, ...], batch: int, k: int, dtype: torch.dtype, gen: torch.Generator
 ) -> int:
+    """Runs one case of CASES greedy and sampling; returns the number of mismatched outputs."""
     failures = 0
     to_canon, from_canon = random_tables(vocab_sizes, 3000, gen)
     logits = [(torch.randn(batch, v, generator=gen) * 3).to(dtype) for v in vocab_sizes]
@@ -108,7 +97,7 @@ def exercise_case(
             )
             if not same:
                 failures += 1
-                print(f"MISMATCH {name} [{warp_list}] {vocab_sizes=} B={batch} {k=} {dtype} T={temperature}")
+                print(f"MISMATCH {name} {vocab_sizes=} B={batch} {k=} {dtype} T={temperature}")
     return failures
 
 
@@ -128,10 +117,8 @@ def target_steps() -> Iterator[TargetStep]:
 
 
 def profile() -> int:
-    for warp_list in CUDA_TOPK_LISTS:  # the kernels' names say which warp list they ran with
-        with cuda_topk_list(warp_list):
-            for _, logits, tables in target_steps():
-                unite_ext.ensemble_step(logits, tables, k=DEFAULT_K)
+    for _, logits, tables in target_steps():
+        unite_ext.ensemble_step(logits, tables, k=DEFAULT_K)
     torch.cuda.synchronize()
     return 0
 
@@ -193,13 +180,11 @@ def timeline(repeats: int = 50) -> int:
     and later), a kernel's time includes its wait for the kernel before it. An eager step whose host time
     exceeds its span is bound by the host."""
     columns = [f"{name} (µs)" for name in KERNELS] + ["span (µs)", "host (µs)"]
-    print("| B | warp list | mode | " + " | ".join(columns) + " |")
-    print("|---|---|---|" + "---|" * len(columns))
-    for warp_list in CUDA_TOPK_LISTS:
-        with cuda_topk_list(warp_list):
-            for batch, logits, tables in target_steps():
-                for mode, run in step_modes(logits, tables):
-                    print(f"| {batch} | {warp_list} | {mode} | {kernel_timeline(run, repeats)} |")
+    print("| B | mode | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for batch, logits, tables in target_steps():
+        for mode, run in step_modes(logits, tables):
+            print(f"| {batch} | {mode} | {kernel_timeline(run, repeats)} |")
     return 0
 
 

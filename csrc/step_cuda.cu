@@ -15,8 +15,6 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 
 #include "ops.h"
 #include "step_common.h"
@@ -121,15 +119,10 @@ void launch_topk_with(const std::vector<at::Tensor>& logits, const std::vector<a
                      args, static_cast<int>(k));
 }
 
-// Runs steps 0-1 for several models: fills `out[i]` from `logits[i]`. The warp list is read from
-// UNITE_EXT_CUDA_TOPK at every call ("insertion", the default, or "bitonic"); both give the same results.
+// Runs steps 0-1 for several models: fills `out[i]` from `logits[i]`.
 void launch_topk(const std::vector<at::Tensor>& logits, const std::vector<at::Tensor>& to_canon, int64_t k,
                  const std::vector<TopkView>& out, const TopkPlan& plan, float* workspace) {
-  const char* variable = std::getenv("UNITE_EXT_CUDA_TOPK");
-  const std::string list = variable == nullptr || *variable == '\0' ? "insertion" : variable;
-  TORCH_CHECK(list == "insertion" || list == "bitonic",
-              "unite_ext: UNITE_EXT_CUDA_TOPK must be 'insertion' or 'bitonic', got '", list, "'");
-  with_warp_list(list == "bitonic", k, [&](auto warp_list) {
+  with_warp_list(k, [&](auto warp_list) {
     launch_topk_with<decltype(warp_list)>(logits, to_canon, k, out, plan, workspace);
   });
 }

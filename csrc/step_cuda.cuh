@@ -99,99 +99,6 @@ struct SoftmaxStats {
   }
 };
 
-// A warp's top-k list, sorted by ranks_before over positions s * 32 + lane (lane 0 of slot 0 the best).
-// Every lane holds the k-th entry as the admission threshold, so most candidates are rejected without
-// communication. Two ways to take in the admitted candidates, chosen at launch (UNITE_EXT_CUDA_TOPK):
-//   InsertionWarpList  inserts them one after another (one round of shuffles per candidate);
-//   BitonicWarpList    gathers 32 in shared memory, sorts them with a bitonic network and merges them in.
-// Both expose: init, admits, push (warp-collective; `active` lanes offer (v, t)), merge_sorted (a batch
-// sorted best first across the lanes, e.g. a slot of another list), finish (takes in what is pending).
-template <int kSlots>
-struct WarpListBase {
-  static_assert(kSlots == 1 || kSlots == 2, "k is at most 64");
-  static constexpr int slots = kSlots;
-  float value[kSlots];
-  int32_t id[kSlots];
-  float threshold_value;
-  int32_t threshold_id;
-  int k;
-
-  __device__ __forceinline__ void init_list(int k_) {
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      value[s] = -INFINITY;
-      id[s] = kEmptyId;
-    }
-    threshold_value = -INFINITY;
-    threshold_id = kEmptyId;
-    k = k_;
-  }
-
-  __device__ __forceinline__ bool admits(float v, int32_t t) const {
-    return ranks_before(v, t, threshold_value, threshold_id);
-  }
-
-  __device__ __forceinline__ void update_threshold() {
-    const int last = k - 1;
-    // Selects, not a loop over the slots: a loop here kept the list out of registers (a stack frame).
-    const bool in_second = kSlots == 2 && last >= 32;
-    const float kth_value = in_second ? value[kSlots - 1] : value[0];
-    const int32_t kth_id = in_second ? id[kSlots - 1] : id[0];
-    threshold_value = __shfl_sync(kFullMask, kth_value, last & 31);
-    threshold_id = __shfl_sync(kFullMask, kth_id, last & 31);
-  }
-};
-
-template <int kSlots>
-struct InsertionWarpList : WarpListBase<kSlots> {
-  using WarpListBase<kSlots>::value;
-  using WarpListBase<kSlots>::id;
-
-  __device__ __forceinline__ void init(int k_, float*, int32_t*) { this->init_list(k_); }
-
-  // Inserts, one after another, the candidates of the lanes where `active` is set. Warp-uniform control.
-  __device__ __forceinline__ void push(bool active, float v, int32_t t) {
-    const int lane = threadIdx.x & 31;
-    unsigned pending = __ballot_sync(kFullMask, active);
-    while (pending) {
-      const int src = __ffs(pending) - 1;
-      pending &= pending - 1;
-      const float cv = __shfl_sync(kFullMask, v, src);
-      const int32_t ct = __shfl_sync(kFullMask, t, src);
-      if (!this->admits(cv, ct)) continue;
-      int pos = 0;
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s) pos += __popc(__ballot_sync(kFullMask, ranks_before(value[s], id[s], cv, ct)));
-#pragma unroll
-      for (int s = kSlots - 1; s >= 0; --s) {
-        float up_value = __shfl_up_sync(kFullMask, value[s], 1);
-        int32_t up_id = __shfl_up_sync(kFullMask, id[s], 1);
-        if (s > 0) {
-          const float carry_value = __shfl_sync(kFullMask, value[s > 0 ? s - 1 : 0], 31);
-          const int32_t carry_id = __shfl_sync(kFullMask, id[s > 0 ? s - 1 : 0], 31);
-          if (lane == 0) {
-            up_value = carry_value;
-            up_id = carry_id;
-          }
-        }
-        const int p = s * 32 + lane;
-        if (p > pos) {
-          value[s] = up_value;
-          id[s] = up_id;
-        } else if (p == pos) {
-          value[s] = cv;
-          id[s] = ct;
-        }
-      }
-      this->update_threshold();
-    }
-  }
-
-  __device__ __forceinline__ void merge_sorted(float v, int32_t t) { push(v > -INFINITY && this->admits(v, t), v, t); }
-
-  __device__ __forceinline__ void finish() {}
-};
-
 // Exchanges entries with lane ^ mask; keeps the better of the two where keep_better is set, else the worse.
 __device__ __forceinline__ void exchange(float& v, int32_t& t, int mask, bool keep_better) {
   const float other_v = __shfl_xor_sync(kFullMask, v, mask);
@@ -221,19 +128,70 @@ __device__ __forceinline__ void bitonic_sort(float& v, int32_t& t) {
   }
 }
 
+// A warp's top-k list, sorted by ranks_before over positions s * 32 + lane (lane 0 of slot 0 the best).
+// Every lane holds the k-th entry as the admission threshold, so most candidates are rejected without
+// communication. Admitted candidates are gathered in shared memory (a ballot and a prefix count) and each
+// full batch of 32 is sorted by a bitonic network and merged in. Exposes: init, admits, push
+// (warp-collective; `active` lanes offer (v, t)), merge_sorted (a batch sorted best first across the lanes,
+// e.g. a slot of another list), finish (takes in what is pending).
 template <int kSlots>
-struct BitonicWarpList : WarpListBase<kSlots> {
-  using WarpListBase<kSlots>::value;
-  using WarpListBase<kSlots>::id;
+struct WarpList {
+  static_assert(kSlots == 1 || kSlots == 2, "k is at most 64");
+  static constexpr int slots = kSlots;
+  float value[kSlots];
+  int32_t id[kSlots];
+  float threshold_value;
+  int32_t threshold_id;
+  int k;
   float* pending_value;  // this warp's 2 * 32 shared-memory slots for candidates not yet merged in
   int32_t* pending_id;
-  int pending;  // warp-uniform
+  int pending;                // warp-uniform
+  const int32_t* to_canon;  // the model's table, where candidates are tokens not yet looked up (else null)
 
-  __device__ __forceinline__ void init(int k_, float* buffer_value, int32_t* buffer_id) {
-    this->init_list(k_);
+  __device__ __forceinline__ void init(int k_, float* buffer_value, int32_t* buffer_id, const int32_t* table) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      value[s] = -INFINITY;
+      id[s] = kEmptyId;
+    }
+    threshold_value = -INFINITY;
+    threshold_id = kEmptyId;
+    k = k_;
     pending_value = buffer_value;
     pending_id = buffer_id;
     pending = 0;
+    to_canon = table;
+  }
+
+  __device__ __forceinline__ bool admits(float v, int32_t t) const {
+    return ranks_before(v, t, threshold_value, threshold_id);
+  }
+
+  __device__ __forceinline__ void update_threshold() {
+    const int last = k - 1;
+    // Selects, not a loop over the slots: a loop here kept the list out of registers (a stack frame).
+    const bool in_second = kSlots == 2 && last >= 32;
+    const float kth_value = in_second ? value[kSlots - 1] : value[0];
+    const int32_t kth_id = in_second ? id[kSlots - 1] : id[0];
+    threshold_value = __shfl_sync(kFullMask, kth_value, last & 31);
+    threshold_id = __shfl_sync(kFullMask, kth_id, last & 31);
+  }
+
+  // Raises the threshold to the k-th largest of the lanes' `best` (each lane's best candidate, -inf if
+  // none; never NaN), with the largest id so that entries equal to it still enter: k distinct candidates
+  // reach it, so the k-th entry of the warp's final list does too. Called on the first vectors, it spares
+  // the sorts of the candidates that only a list still filling would admit. (A threshold is a lower bound:
+  // the next update_threshold may lower it again, which admits more but drops nothing.) One slot only.
+  __device__ __forceinline__ void raise_threshold(float best) {
+    if constexpr (kSlots == 1) {
+      int32_t lane = threadIdx.x & 31;
+      bitonic_sort(best, lane);
+      const float kth = __shfl_sync(kFullMask, best, k - 1);
+      if (kth > threshold_value) {
+        threshold_value = kth;
+        threshold_id = kEmptyId;
+      }
+    }
   }
 
   // Appends the active lanes' candidates; every 32 of them are sorted and merged in. Warp-uniform control.
@@ -261,8 +219,7 @@ struct BitonicWarpList : WarpListBase<kSlots> {
       pending_id[lane] = rest_t;
     }
     __syncwarp();
-    bitonic_sort(bv, bt);
-    merge_sorted(bv, bt);
+    sort_and_merge(bv, bt);
   }
 
   __device__ __forceinline__ void finish() {
@@ -273,8 +230,19 @@ struct BitonicWarpList : WarpListBase<kSlots> {
     int32_t bt = lane < pending ? pending_id[lane] : kEmptyId;
     pending = 0;
     __syncwarp();
-    bitonic_sort(bv, bt);
-    merge_sorted(bv, bt);
+    sort_and_merge(bv, bt);
+  }
+
+  // Takes in a batch of gathered candidates, one per lane. A token without a canonical id cannot be a
+  // candidate (SPEC.md section 2): the table is read here, once per batch of 32, rather than for every
+  // vector that holds a candidate.
+  __device__ __forceinline__ void sort_and_merge(float v, int32_t t) {
+    if (to_canon != nullptr && t != kEmptyId && to_canon[t] < 0) {
+      v = -INFINITY;
+      t = kEmptyId;
+    }
+    bitonic_sort(v, t);
+    merge_sorted(v, t);
   }
 
   // The list's last slot against the batch reversed: the better of each pair are the best 32 of both, as
@@ -301,19 +269,14 @@ struct BitonicWarpList : WarpListBase<kSlots> {
       bitonic_merge(value[0], id[0]);
       bitonic_merge(value[1], id[1]);
     }
-    this->update_threshold();
+    update_threshold();
   }
 };
 
-// Calls f(List{}) with the warp list a launch uses: bitonic or insertion, one slot per lane for k <= 32, two
-// for k <= 64.
+// Calls f(List{}) with the warp list a launch uses: one slot per lane for k <= 32, two for k <= 64.
 template <class F>
-void with_warp_list(bool bitonic, int64_t k, F&& f) {
-  if (bitonic) {
-    k <= 32 ? f(BitonicWarpList<1>{}) : f(BitonicWarpList<2>{});
-  } else {
-    k <= 32 ? f(InsertionWarpList<1>{}) : f(InsertionWarpList<2>{});
-  }
+void with_warp_list(int64_t k, F&& f) {
+  k <= 32 ? f(WarpList<1>{}) : f(WarpList<2>{});
 }
 
 struct BlockScratch {
@@ -322,14 +285,14 @@ struct BlockScratch {
   float max[kWarps];
   float sum[kWarps];
   int bad[kWarps];
-  float pending_value[kWarps][64];  // BitonicWarpList's candidates waiting to be merged in
+  float pending_value[kWarps][64];  // the warp lists' candidates waiting to be merged in
   int32_t pending_id[kWarps][64];
 };
 
 template <class List>
-__device__ __forceinline__ void init_list(List& top, int k, BlockScratch& scratch) {
+__device__ __forceinline__ void init_list(List& top, int k, BlockScratch& scratch, const int32_t* to_canon) {
   const int warp = threadIdx.x >> 5;
-  top.init(k, scratch.pending_value[warp], scratch.pending_id[warp]);
+  top.init(k, scratch.pending_value[warp], scratch.pending_id[warp], to_canon);
 }
 
 // Writes a warp's first k entries to value[0..k) and id[0..k).
@@ -438,8 +401,10 @@ struct PartialArgs {
   int n;
 };
 
+// At least 5 blocks per SM (at most 48 registers): the 576 blocks of B = 64 rows of the Qwen2 + Llama-3
+// vocabularies then run in one wave on an H100's 132 SMs (at 64 registers, 4 per SM, there would be two).
 template <typename T, class List>
-__global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> args, int k, int64_t chunk_elems) {
+__global__ void __launch_bounds__(kThreads, 5) topk_partial_kernel(PartialArgs<T> args, int k, int64_t chunk_elems) {
   allow_next_kernel();
   int m = 0;
   while (m + 1 < args.n && static_cast<int>(blockIdx.x) >= args.model[m + 1].first_chunk) ++m;
@@ -456,12 +421,13 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
   const int64_t hi = min(vocab, lo + chunk_elems);
 
   List top;
-  init_list(top, k, scratch);
+  init_list(top, k, scratch, to_canon);
   SoftmaxStats stats;
   bool bad = false;
 
-  // Takes in a lane's consecutive logits v[j] of tokens first + j (-inf where the lane has none). Warp-collective.
-  auto consume = [&](const auto& v, int64_t first) {
+  // Takes in a lane's consecutive logits v[j] of tokens first + j (-inf where the lane has none); with
+  // `raise`, first raises the list's threshold from them. Warp-collective.
+  auto consume = [&](const auto& v, int64_t first, bool raise) {
     constexpr int n = sizeof(v) / sizeof(float);
     const float vector_max = max_keeping_nan(v);
     bad |= unusable_logit(vector_max);
@@ -473,9 +439,12 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
     for (int j = 0; j < n; ++j) {
       candidate[j] = v[j] > -INFINITY && v[j] < INFINITY && top.admits(v[j], static_cast<int32_t>(first + j));
     }
-    // The table lookups are issued together: one memory latency, not one per admitted entry.
+    if (raise) {  // from tokens with a canonical id only; their lookups issued together
+      float best = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < n; ++j) candidate[j] = candidate[j] && to_canon[first + j] >= 0;
+      for (int j = 0; j < n; ++j) best = candidate[j] && to_canon[first + j] >= 0 ? fmaxf(best, v[j]) : best;
+      top.raise_threshold(best);
+    }
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       const int32_t t = static_cast<int32_t>(first + j);
@@ -491,10 +460,10 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
   if (warp == 0) {
     const int64_t head_t = lo + lane;
     const float head_value[1] = {lane < head ? to_float(row[head_t]) : -INFINITY};
-    consume(head_value, head_t);
+    consume(head_value, head_t, false);
     const int64_t tail_t = body_end + lane;
     const float tail_value[1] = {tail_t < hi && lane < kVec ? to_float(row[tail_t]) : -INFINITY};
-    consume(tail_value, tail_t);
+    consume(tail_value, tail_t, false);
   }
 
   union Vector {
@@ -521,7 +490,7 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(PartialArgs<T> a
       const float x = to_float(vec.elem[j]);  // converted either way: a select, not a branch per entry
       v[j] = in_range ? x : -INFINITY;
     }
-    consume(v, first);
+    consume(v, first, base == warp_begin);  // the threshold raised on the warp's first vectors
   }
 
   block_merge(top, stats, bad, scratch);
@@ -559,7 +528,7 @@ __global__ void __launch_bounds__(kThreads) topk_finalize_kernel(FinalizeArgs ar
   const int64_t first_slot = static_cast<int64_t>(b) * part.chunks;
 
   List top;
-  init_list(top, k, scratch);
+  init_list(top, k, scratch, nullptr);
   SoftmaxStats stats;
   bool bad = false;
   for (int c = threadIdx.x; c < part.chunks; c += kThreads) {

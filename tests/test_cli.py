@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -367,23 +366,6 @@ def test_chat_must_be_all_or_none():
     with pytest.raises(ValueError, match="every model or for none"):
         uses_chat([ModelSpec("/m/a", chat_template=True), ModelSpec("/m/b")])
     assert not uses_chat([ModelSpec("/m/a"), ModelSpec("/m/b")])
-
-
-def test_bench_times_each_cuda_warp_list_with_its_variable_set(monkeypatch):
-    from unite_ext import benchmark, step
-
-    monkeypatch.setenv(step.CUDA_TOPK_VARIABLE, "insertion")
-    with benchmark.cuda_topk_list("bitonic"):
-        assert os.environ[step.CUDA_TOPK_VARIABLE] == "bitonic"
-    assert os.environ[step.CUDA_TOPK_VARIABLE] == "insertion"
-    monkeypatch.delenv(step.CUDA_TOPK_VARIABLE)
-    with pytest.raises(RuntimeError), benchmark.cuda_topk_list("bitonic"):
-        raise RuntimeError("the variable is restored on the way out of an error too")
-    assert step.CUDA_TOPK_VARIABLE not in os.environ
-    with pytest.raises(ValueError, match="unknown CUDA warp list 'heap'"), benchmark.cuda_topk_list("heap"):
-        pass
-    with pytest.raises(SystemExit):
-        benchmark.main(["--cuda-topk", "insertion,heap"])
 
 
 def test_the_step_and_the_cli_start_without_transformers():

@@ -2,9 +2,9 @@
 
 ``tests/cuda_emulation/step_emulated.cpp`` compiles the device code of ``csrc/step_cuda.cuh`` for the CPU
 under a warp emulator (each GPU thread a fiber; shuffles, ballots and barriers pass control between them)
-and launches the kernels as the CUDA op does. On the random steps of ``test_step.py`` its outputs, with
-either warp list (``UNITE_EXT_CUDA_TOPK``), must equal the CPU op's (ids exact, probabilities within 1e-5)
-and meet the float64 oracle. Chunks of a few logits make the top-k merge many partial lists per row.
+and launches the kernels as the CUDA op does. On the random steps of ``test_step.py`` its outputs must
+equal the CPU op's (ids exact, probabilities within 1e-5) and meet the float64 oracle. Chunks of a few
+logits make the top-k merge many partial lists per row.
 
 It cannot see timing or memory-model faults: on a GPU, ``bench/gpu_check.sh`` runs the CUDA tests and
 compute-sanitizer.
@@ -40,7 +40,6 @@ from test_step import (
 import unite_ext
 from unite_ext import EnsembleStep
 from unite_ext._step_inputs import MAX_MODELS, prepare_step_inputs
-from unite_ext.step import CUDA_TOPK_LISTS
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -74,7 +73,7 @@ def emulated_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return program
 
 
-def write_case(path: Path, case: StepCase, warp_list: str, chunk_elems: int) -> None:
+def write_case(path: Path, case: StepCase, chunk_elems: int) -> None:
     """The inputs as the op receives them, in the layout step_emulated.cpp reads."""
     inputs = prepare_step_inputs(
         case.logits,
@@ -89,8 +88,8 @@ def write_case(path: Path, case: StepCase, warp_list: str, chunk_elems: int) -> 
     n, batch = len(inputs.logits), inputs.logits[0].shape[0]
     num_canonical = inputs.from_canon[0].shape[0]
     header = [n, batch, inputs.k, num_canonical, DTYPE_CODES[inputs.logits[0].dtype]]
-    header += [CUDA_TOPK_LISTS.index(warp_list), chunk_elems, inputs.uniforms is not None]
-    parts = [struct.pack("<8q", *header), struct.pack("<2d", inputs.temperature, inputs.top_p)]
+    header += [chunk_elems, inputs.uniforms is not None]
+    parts = [struct.pack("<7q", *header), struct.pack("<2d", inputs.temperature, inputs.top_p)]
     parts += [struct.pack(f"<{n}q", *(x.shape[1] for x in inputs.logits))]
     parts += [struct.pack(f"<{n}d", *inputs.weights)]
     parts += [x.contiguous().view(torch.uint8).numpy().tobytes() for x in inputs.logits]
@@ -123,11 +122,10 @@ def read_outputs(path: Path, n: int, batch: int, k: int) -> EnsembleStep:
 
 
 class Run(NamedTuple):
-    """One emulated step: the case, its float64 oracle, the warp list and the logits per partial block."""
+    """One emulated step: the case, its float64 oracle and the logits per partial block."""
 
     case: StepCase
     expected: list[OracleRow]
-    warp_list: str
     chunk_elems: int
 
 
@@ -135,7 +133,7 @@ def run_emulated(program: Path, folder: Path, runs: list[Run]) -> list[EnsembleS
     """Runs every step in one process; returns the outputs in order."""
     arguments = []
     for index, run in enumerate(runs):
-        write_case(folder / f"{index}.in", run.case, run.warp_list, run.chunk_elems)
+        write_case(folder / f"{index}.in", run.case, run.chunk_elems)
         arguments += [str(folder / f"{index}.in"), str(folder / f"{index}.out")]
     result = subprocess.run([str(program), *arguments], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"step_emulated failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
@@ -148,7 +146,7 @@ def run_emulated(program: Path, folder: Path, runs: list[Run]) -> list[EnsembleS
 def assert_runs_match(program: Path, folder: Path, runs: list[Run], cpu: bool) -> None:
     """Each emulated output meets its oracle and, with ``cpu``, equals the CPU op's."""
     for run, got in zip(runs, run_emulated(program, folder, runs), strict=True):
-        label = f"emulated CUDA, {run.warp_list} list, chunks of {run.chunk_elems}: {run.case.description}"
+        label = f"emulated CUDA, chunks of {run.chunk_elems}: {run.case.description}"
         assert_matches(got, run.case, run.expected, label)
         if cpu:
             assert_steps_agree(got, run.case.call(unite_ext.ensemble_step, "cpu"), run.expected, label)
@@ -159,11 +157,7 @@ def test_emulated_cuda_step_equals_the_cpu_op(
     dtype: torch.dtype, emulated_step: Path, tmp_path: Path
 ) -> None:
     rng = random.Random()  # fresh chunk sizes each run; the label of a failure names them
-    runs = [
-        Run(case, expected, warp_list, rng.choice(CHUNK_SIZES))
-        for case, expected in random_cases(dtype)
-        for warp_list in CUDA_TOPK_LISTS
-    ]
+    runs = [Run(case, expected, rng.choice(CHUNK_SIZES)) for case, expected in random_cases(dtype)]
     assert_runs_match(emulated_step, tmp_path, runs, cpu=True)
 
 
@@ -173,11 +167,7 @@ def test_emulated_cuda_step_on_longer_rows(dtype: torch.dtype, emulated_step: Pa
     rounds of the partial kernel's loop per lane, with the random steps' ties, NaN, +inf and -inf."""
     seeds = [random.SystemRandom().randrange(2**31) for _ in range(4)]  # fresh; each label names its seed
     cases = [first_rows(random_case(seed, dtype, (1000, 2047, 4097, 9001)), 3) for seed in seeds]
-    runs = [
-        Run(case, case.oracle(), warp_list, 2048 * (1 + i % 2))
-        for i, case in enumerate(cases)
-        for warp_list in CUDA_TOPK_LISTS
-    ]
+    runs = [Run(case, case.oracle(), 2048 * (1 + i % 2)) for i, case in enumerate(cases)]
     assert_runs_match(emulated_step, tmp_path, runs, cpu=True)
 
 
@@ -188,11 +178,7 @@ def test_emulated_cuda_step_with_many_models(emulated_step: Path, tmp_path: Path
         for models in (8, MAX_MODELS)
         for dtype in (torch.float32, torch.float16)
     ]
-    runs = [
-        Run(case, case.oracle(), warp_list, 8 * (1 + i))
-        for i, case in enumerate(cases)
-        for warp_list in CUDA_TOPK_LISTS
-    ]
+    runs = [Run(case, case.oracle(), 8 * (1 + i)) for i, case in enumerate(cases)]
     assert_runs_match(emulated_step, tmp_path, runs, cpu=True)
 
 
@@ -204,7 +190,7 @@ def test_emulated_cuda_step_on_real_vocabulary_sizes(
 ) -> None:
     """Qwen2 + Llama-3 sized rows (ties, NaN, -inf runs, +inf) in the launcher's 4096-logit chunks."""
     case, expected = big_vocab_case(dtype, sampling)
-    runs = [Run(case, expected, warp_list, 4096) for warp_list in CUDA_TOPK_LISTS]
+    runs = [Run(case, expected, 4096)]
     assert_runs_match(emulated_step, tmp_path, runs, cpu=False)
 
 

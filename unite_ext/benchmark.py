@@ -9,11 +9,9 @@ space of 250k ids, and logits drawn as ``randn * 3`` so that the top-k are not d
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +20,12 @@ from tqdm import tqdm
 
 from . import reference
 from .defaults import DEFAULT_K
-from .step import CUDA_TOPK_LISTS, CUDA_TOPK_VARIABLE, ensemble_step, topk_stats, union_average
+from .step import ensemble_step, topk_stats, union_average
 
 # Qwen2, Llama-3 and Mistral: an N-model benchmark uses the first N.
 MODEL_VOCAB_SIZES = (151936, 128256, 32768)
 NUM_CANONICAL = 250_000
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STEP_VARIANTS = ("fused", "reference", "top-k", "union")
 
 
 def synthetic_tables(
@@ -133,29 +130,12 @@ class GraphCaptureFailed:
         self.reason = reason
 
 
-@contextlib.contextmanager
-def cuda_topk_list(name: str) -> Iterator[None]:
-    """Within the block, the CUDA kernels take top-k candidates with the warp list ``name``."""
-    if name not in CUDA_TOPK_LISTS:
-        raise ValueError(f"unknown CUDA warp list {name!r}; choose from {CUDA_TOPK_LISTS}")
-    previous = os.environ.get(CUDA_TOPK_VARIABLE)
-    os.environ[CUDA_TOPK_VARIABLE] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[CUDA_TOPK_VARIABLE]
-        else:
-            os.environ[CUDA_TOPK_VARIABLE] = previous
-
-
 def step_variants(
     logits: list[Tensor],
     tables: tuple[list[Tensor], list[Tensor]],
     k: int,
-    names: Sequence[str] = STEP_VARIANTS,
 ) -> dict[str, Callable[[], object] | GraphCaptureFailed]:
-    """Greedy steps to time (those of ``names``), plus their CUDA-graph replays on CUDA.
+    """Greedy steps to time, plus their CUDA-graph replays on CUDA.
 
     "fused" is the op, "reference" the pure-PyTorch step; the op's two stages on their own show where its
     time goes: "top-k" is `topk_stats` on every model (reading every logit), "union" is `union_average`
@@ -166,13 +146,12 @@ def step_variants(
         return [topk_stats(x, to_canon, k) for x, to_canon in zip(logits, tables[0], strict=True)]
 
     topk = every_topk()
-    every: dict[str, Callable[[], object]] = {
+    eager: dict[str, Callable[[], object]] = {
         "fused": lambda: ensemble_step(logits, tables, k=k),
         "reference": lambda: reference.ensemble_step(logits, tables, k=k),
         "top-k": every_topk,
         "union": lambda: union_average(logits, tables, topk),
     }
-    eager = {name: every[name] for name in names}
     variants: dict[str, Callable[[], object] | GraphCaptureFailed] = dict(eager)
     if logits[0].device.type == "cuda":
         for name, step in eager.items():
@@ -203,13 +182,8 @@ def run_benchmark(
     repeats: int,
     warmup: int,
     seed: int = 0,
-    cuda_topk_lists: Sequence[str] = (),
 ) -> list[BenchRow]:
-    """Time the fused op and the reference (and on CUDA both replayed from a CUDA graph), greedy steps.
-
-    On CUDA, the fused op and its top-k stage are timed again with each warp list of ``cuda_topk_lists``
-    (columns suffixed ``[list]``), side by side with the default.
-    """
+    """Time the fused op and the reference (and on CUDA both replayed from a CUDA graph), greedy steps."""
     generator = torch.Generator().manual_seed(seed)
     configs = [(n, b, d) for n in model_counts for d in dtypes for b in batch_sizes]
     tables_by_count = {}
@@ -221,16 +195,11 @@ def run_benchmark(
         tables = tables_by_count[n]
         logits = synthetic_logits(batch, MODEL_VOCAB_SIZES[:n], DTYPES[dtype], device, generator)
         row = BenchRow(n, batch, dtype)
-        lists = cuda_topk_lists if device.type == "cuda" else ()
-        runs = [(contextlib.nullcontext(), STEP_VARIANTS, "")]
-        runs += [(cuda_topk_list(name), ("fused", "top-k"), f" [{name}]") for name in lists]
-        for context, names, suffix in runs:
-            with context:  # graphs are captured, and eager steps timed, with the list in force
-                for name, fn in step_variants(logits, tables, k, names).items():
-                    if isinstance(fn, GraphCaptureFailed):
-                        row.failures[name + suffix] = fn.reason
-                    else:
-                        row.seconds[name + suffix] = median_seconds(fn, device, repeats, warmup)
+        for name, fn in step_variants(logits, tables, k).items():
+            if isinstance(fn, GraphCaptureFailed):
+                row.failures[name] = fn.reason
+            else:
+                row.seconds[name] = median_seconds(fn, device, repeats, warmup)
         rows.append(row)
     return rows
 
@@ -307,14 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (default 0)")
-    parser.add_argument(
-        "--cuda-topk",
-        type=_names_from(CUDA_TOPK_LISTS, "warp list(s)"),
-        default=["bitonic"],
-        help=f"on CUDA, also time the fused op and its top-k stage with these warp lists "
-        f"({CUDA_TOPK_VARIABLE}; comma-separated from {','.join(CUDA_TOPK_LISTS)}; default bitonic; "
-        "empty for none)",
-    )
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     return parser
 
@@ -339,7 +300,6 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats,
         args.warmup,
         args.seed,
-        args.cuda_topk,
     )
     device_name = (
         torch.cuda.get_device_name(device)

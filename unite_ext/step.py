@@ -11,11 +11,6 @@ from ._ops import ops
 from ._step_inputs import EnsembleStep, TablesLike, _tables_pair, prepare_step_inputs
 from .defaults import DEFAULT_K
 
-# The CUDA kernels' ways of taking top-k candidates into a warp's list, read from this variable at every
-# call (csrc/step_cuda.cu, launch_topk); the first is the default. Outputs are the same with either.
-CUDA_TOPK_VARIABLE = "UNITE_EXT_CUDA_TOPK"
-CUDA_TOPK_LISTS = ("insertion", "bitonic")
-
 
 def ensemble_step(
     logits: Sequence[Tensor],

@@ -4,7 +4,7 @@
 // and the float64 oracle.
 //   step_emulated IN OUT [IN OUT ...]
 // IN (little-endian): int64 n, batch, k, num_canonical, dtype (0 float32, 1 bfloat16, 2 float16),
-// warp list (0 insertion, 1 bitonic), chunk_elems, has_uniforms; float64 temperature, top_p; int64 vocab
+// chunk_elems, has_uniforms; float64 temperature, top_p; int64 vocab
 // per model; float64 weight per model (normalised); per model the logits [batch, vocab] in the dtype, then
 // per model to_canon int32 [vocab], then per model from_canon int32 [num_canonical]; float32 uniforms
 // [batch] if has_uniforms.
@@ -50,7 +50,7 @@ namespace unite_ext {
 namespace {
 
 struct Case {
-  int64_t n, batch, k, num_canonical, dtype, warp_list, chunk_elems, has_uniforms;
+  int64_t n, batch, k, num_canonical, dtype, chunk_elems, has_uniforms;
   double temperature, top_p;
   std::vector<int64_t> vocab;
   std::vector<double> weight;
@@ -75,8 +75,7 @@ T read_one(std::ifstream& in) {
 Case read_case(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   Case c;
-  for (int64_t* field : {&c.n, &c.batch, &c.k, &c.num_canonical, &c.dtype, &c.warp_list, &c.chunk_elems,
-                         &c.has_uniforms}) {
+  for (int64_t* field : {&c.n, &c.batch, &c.k, &c.num_canonical, &c.dtype, &c.chunk_elems, &c.has_uniforms}) {
     *field = read_one<int64_t>(in);
   }
   c.temperature = read_one<double>(in);
@@ -143,7 +142,7 @@ void run_topk(const Case& c, Outputs& out) {
 
 template <typename T>
 void run_topk_with_list(const Case& c, Outputs& out) {
-  with_warp_list(c.warp_list == 1, c.k, [&](auto warp_list) { run_topk<T, decltype(warp_list)>(c, out); });
+  with_warp_list(c.k, [&](auto warp_list) { run_topk<T, decltype(warp_list)>(c, out); });
 }
 
 // launch_union_average: one block per row.
