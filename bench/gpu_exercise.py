@@ -1,10 +1,11 @@
 """Calls every CUDA op of unite_ext at a few sizes and checks each against the CPU op.
 
 Short on purpose: compute-sanitizer (memcheck, racecheck) runs it. Exits non-zero on a mismatch.
-With --profile it only runs the benchmark's target steps once each (N = 2, Qwen2 + Llama-3
-vocabularies, k = 10, bf16, B = 1 and 64: three kernel launches apiece), for `ncu` to read. With --timeline it times each kernel of those steps with the PyTorch profiler (no hardware
-counters needed, unlike ncu) and the host's time per call, eager (with and without the Python layer)
-and replayed from a CUDA graph, and prints a markdown table.
+With --profile it only runs the benchmark's target steps once each (N = 2, Qwen2 + Llama-3 vocabularies,
+k = 10, bf16, B = 1 and 64: three kernel launches apiece), for `ncu` to read. With --timeline it times each
+kernel of those steps with the PyTorch profiler (no hardware counters needed, unlike ncu) and the host's time
+per call, eager (with and without the Python layer) and replayed from a CUDA graph, and prints a markdown
+table.
 """
 
 from __future__ import annotations
