@@ -15,7 +15,6 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-
 #include "ops.h"
 #include "step_common.h"
 #include "step_cuda.cuh"

@@ -145,7 +145,7 @@ struct WarpList {
   int k;
   float* pending_value;  // this warp's 2 * 32 shared-memory slots for candidates not yet merged in
   int32_t* pending_id;
-  int pending;                // warp-uniform
+  int pending;              // warp-uniform
   const int32_t* to_canon;  // the model's table, where candidates are tokens not yet looked up (else null)
 
   __device__ __forceinline__ void init(int k_, float* buffer_value, int32_t* buffer_id, const int32_t* table) {
