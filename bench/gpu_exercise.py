@@ -67,29 +67,15 @@ def exercise_case(
     logits = [(torch.randn(batch, v, generator=gen) * 3).to(dtype) for v in vocab_sizes]
     logits[0][0, 3] = float("nan")  # row 0 of model 0 is left out
     uniforms = torch.rand(batch, generator=gen)
+    tables = (to_canon, from_canon)
+    on_gpu = [x.cuda() for x in logits]
+    gpu_tables = ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon])
     for temperature, top_p in ((0.0, 1.0), (0.8, 0.9)):
-        cpu = unite_ext.ensemble_step(
-            logits, (to_canon, from_canon), k, None, temperature, top_p, None, uniforms
-        )
-        gpu = unite_ext.ensemble_step(
-            [x.cuda() for x in logits],
-            ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
-            k,
-            None,
-            temperature,
-            top_p,
-            None,
-            uniforms.cuda(),
-        )
+        cpu = unite_ext.ensemble_step(logits, tables, k, None, temperature, top_p, None, uniforms)
+        gpu = unite_ext.ensemble_step(on_gpu, gpu_tables, k, None, temperature, top_p, None, uniforms.cuda())
+        topk = [unite_ext.topk_stats(x, t, k) for x, t in zip(on_gpu, gpu_tables[0], strict=True)]
         stages = unite_ext.union_average(
-            [x.cuda() for x in logits],
-            ([t.cuda() for t in to_canon], [t.cuda() for t in from_canon]),
-            [unite_ext.topk_stats(x.cuda(), t.cuda(), k) for x, t in zip(logits, to_canon, strict=True)],
-            None,
-            temperature,
-            top_p,
-            None,
-            uniforms.cuda(),
+            on_gpu, gpu_tables, topk, None, temperature, top_p, None, uniforms.cuda()
         )
         for name, a, b, c in zip(cpu._fields, cpu, gpu, stages, strict=True):
             b, c = b.cpu(), c.cpu()

@@ -4,10 +4,9 @@
 // and the float64 oracle.
 //   step_emulated IN OUT [IN OUT ...]
 // IN (little-endian): int64 n, batch, k, num_canonical, dtype (0 float32, 1 bfloat16, 2 float16),
-// chunk_elems, has_uniforms; float64 temperature, top_p; int64 vocab
-// per model; float64 weight per model (normalised); per model the logits [batch, vocab] in the dtype, then
-// per model to_canon int32 [vocab], then per model from_canon int32 [num_canonical]; float32 uniforms
-// [batch] if has_uniforms.
+// chunk_elems, has_uniforms; float64 temperature, top_p; int64 vocab per model; float64 weight per model
+// (normalised); per model the logits [batch, vocab] in the dtype, then per model to_canon int32 [vocab],
+// then per model from_canon int32 [num_canonical]; float32 uniforms [batch] if has_uniforms.
 // OUT: next_canon int64 [B], next_ids int64 [N, B], union_ids int64 [B, L], union_probs float32 [B, L],
 // model_probs float32 [N, B, L], top1_prob float32 [N, B], status int32 [B], with L = N * k.
 #include "warp_emulator.h"
